@@ -1,0 +1,1 @@
+"""The pipeline library: config, storage, shards, training engine, checkpoints, tracking, transfer."""

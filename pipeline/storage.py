@@ -1,0 +1,251 @@
+"""The one module that touches storage: local files, ``gs://`` (gcsfs) and ``memory://`` through fsspec.
+
+Everything else in the pipeline passes URLs around and calls these functions, so retry policy,
+emulator endpoints and the "never let a reader see a partial object" rule live in one place.
+
+Rules this module enforces:
+- Only ``file://`` (or a bare local path), ``gs://`` and ``memory://`` are accepted. ``pipe:`` and other
+  schemes are refused up front: a data URL must never become a shell command.
+- Objects are written whole or not at all. gcsfs uploads what was written even when a ``with fs.open(...)``
+  block raises, so writers build the object locally (or in memory) first and upload it in one call.
+- Directories that hold several objects (checkpoints, exports, shard sets) are complete only when their
+  marker ``_COMPLETE.json`` exists; it is written last and checked on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+# Before gcsfs is first imported: otherwise each first access probes the bucket type over gRPC and
+# waits about a minute on anything that is not the real GCS.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+import fsspec  # noqa: E402
+
+SUPPORTED_SCHEMES = ("file", "gs", "memory")
+COMPLETE_MARKER = "_COMPLETE.json"
+# Set to the emulator's URL (e.g. http://127.0.0.1:9023) to talk to a local GCS emulator; this is the
+# variable the Google client libraries use too.
+EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+
+
+class UnsupportedURLError(ValueError):
+    """A URL whose scheme the pipeline does not read or write."""
+
+
+class StorageError(RuntimeError):
+    """A storage operation that failed in a way the caller should report, not retry."""
+
+
+def scheme_of(url: str) -> str:
+    if "://" not in url:
+        if url.startswith("pipe:"):
+            return "pipe"
+        return "file"
+    return url.split("://", 1)[0].lower()
+
+
+def check_url(url: str, *, field: str = "url") -> str:
+    """Return ``url`` normalised (bare paths become absolute ``file://`` URLs) or raise a clear error."""
+    if not isinstance(url, str) or not url.strip():
+        raise UnsupportedURLError(f"{field}: expected a storage URL (file://, gs:// or memory://), got {url!r}")
+    url = url.strip()
+    scheme = scheme_of(url)
+    if scheme == "pipe":
+        raise UnsupportedURLError(
+            f"{field}: 'pipe:' URLs run shell commands and are not allowed ({url!r}); "
+            "point at the shards themselves, e.g. gs://bucket/train-{000000..000099}.tar"
+        )
+    if scheme not in SUPPORTED_SCHEMES:
+        raise UnsupportedURLError(
+            f"{field}: unsupported URL scheme {scheme!r} in {url!r}; use one of "
+            + ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
+            + " (or a local path)"
+        )
+    if scheme == "file":
+        path = url[len("file://") :] if url.startswith("file://") else url
+        return "file://" + os.path.abspath(os.path.expanduser(path))
+    if scheme == "gs":
+        bucket = url[len("gs://") :].split("/", 1)[0]
+        if not bucket:
+            raise UnsupportedURLError(f"{field}: {url!r} names no bucket; expected gs://<bucket>/<path>")
+    return url
+
+
+def _gcs_filesystem() -> fsspec.AbstractFileSystem:
+    endpoint = os.environ.get(EMULATOR_ENV)
+    if endpoint:
+        if not endpoint.startswith("http"):
+            endpoint = "http://" + endpoint
+        # An emulator has no credentials to check; "anon" also skips the metadata-server lookup.
+        return fsspec.filesystem("gcs", endpoint_url=endpoint, token="anon")
+    return fsspec.filesystem("gcs")
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``url`` and the path inside it that fsspec expects."""
+    url = check_url(url)
+    scheme = scheme_of(url)
+    if scheme == "file":
+        return fsspec.filesystem("file"), url[len("file://") :]
+    if scheme == "gs":
+        return _gcs_filesystem(), url[len("gs://") :]
+    return fsspec.filesystem("memory"), "/" + url[len("memory://") :].lstrip("/")
+
+
+def to_url(url_like: str, path: str) -> str:
+    """Turn a filesystem path returned by fsspec back into a URL with the scheme of ``url_like``."""
+    scheme = scheme_of(check_url(url_like))
+    if scheme == "file":
+        return "file://" + path
+    if scheme == "gs":
+        return "gs://" + path.lstrip("/")
+    return "memory://" + path.lstrip("/")
+
+
+def join(url: str, *parts: str) -> str:
+    url = check_url(url)
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://" + posixpath.join(rest, *parts)
+
+
+def local_path(url: str) -> Path | None:
+    """The local path of a ``file://`` URL, or None for remote storage."""
+    url = check_url(url)
+    return Path(url[len("file://") :]) if scheme_of(url) == "file" else None
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def listdir(url: str) -> list[str]:
+    """URLs of the direct children of ``url`` (empty when it does not exist)."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return []
+    return sorted(to_url(url, p) for p in fs.ls(path, detail=False) if p.rstrip("/") != path.rstrip("/"))
+
+
+def glob(pattern: str) -> list[str]:
+    fs, path = filesystem(pattern)
+    return sorted(to_url(pattern, p) for p in fs.glob(path))
+
+
+def size(url: str) -> int:
+    fs, path = filesystem(url)
+    return int(fs.size(path))
+
+
+def open_read(url: str) -> IO[bytes]:
+    fs, path = filesystem(url)
+    return fs.open(path, "rb")
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    return fs.cat_file(path)
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_bytes(url).decode())
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write one object whole: readers see the old object, no object, or all of ``data``."""
+    fs, path = filesystem(url)
+    if scheme_of(url) == "file":
+        _atomic_local_write(Path(path), data)
+        return
+    fs.pipe_file(path, data)
+
+
+def write_json(url: str, obj: Any) -> None:
+    write_bytes(url, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def put_file(local: str | os.PathLike, url: str) -> None:
+    """Upload a finished local file as one object (never a partly written one)."""
+    fs, path = filesystem(url)
+    if scheme_of(url) == "file":
+        dest = Path(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, dest)
+        return
+    fs.put_file(os.fspath(local), path)
+
+
+def get_file(url: str, local: str | os.PathLike) -> None:
+    fs, path = filesystem(url)
+    Path(local).parent.mkdir(parents=True, exist_ok=True)
+    fs.get_file(path, os.fspath(local))
+
+
+def upload_dir(local_dir: str | os.PathLike, url: str) -> list[str]:
+    """Upload every file below ``local_dir`` to ``url``; returns the relative paths uploaded."""
+    local_dir = Path(local_dir)
+    uploaded = []
+    for file in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        rel = file.relative_to(local_dir).as_posix()
+        put_file(file, join(url, rel))
+        uploaded.append(rel)
+    return uploaded
+
+
+def download_dir(url: str, local_dir: str | os.PathLike) -> list[str]:
+    """Download every object below ``url`` into ``local_dir``; returns the relative paths."""
+    fs, path = filesystem(url)
+    base = path.rstrip("/")
+    fetched = []
+    for remote in sorted(fs.find(base)):
+        rel = remote[len(base) :].lstrip("/")
+        get_file(to_url(url, remote), Path(local_dir) / rel)
+        fetched.append(rel)
+    return fetched
+
+
+def remove(url: str, *, recursive: bool = True) -> None:
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def mark_complete(url: str, info: dict[str, Any] | None = None) -> None:
+    """Write the completion marker of the directory ``url``; call it after every other object is written."""
+    write_json(join(url, COMPLETE_MARKER), info or {})
+
+
+def read_marker(url: str) -> dict[str, Any] | None:
+    """The completion marker of directory ``url``, or None when the directory is incomplete."""
+    marker = join(url, COMPLETE_MARKER)
+    if not exists(marker):
+        return None
+    try:
+        return read_json(marker)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StorageError(f"completion marker {marker} is unreadable ({exc}); delete that directory") from exc
+
+
+def is_complete(url: str) -> bool:
+    return exists(join(url, COMPLETE_MARKER))
+
+
+def _atomic_local_write(dest: Path, data: bytes) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
