@@ -26,7 +26,7 @@ from typing import IO, Any
 # waits about a minute on anything that is not the real GCS.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
-import fsspec  # noqa: E402
+import fsspec
 
 SUPPORTED_SCHEMES = ("file", "gs", "memory")
 COMPLETE_MARKER = "_COMPLETE.json"
