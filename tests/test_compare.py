@@ -1,0 +1,136 @@
+"""The comparison table read from MLflow sweeps: every row, the paper columns, our numbers as logged."""
+
+import csv
+import io
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import compare as cmp
+from pipeline import paper
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory):
+    # A real MLflow store (SQLite), as the embedded default uses; the server-backed path is covered by the
+    # transfer sweep test.
+    return "sqlite:///" + str(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
+
+
+def _log_sweep(client, exp_id, *, label, init, results, failed=(), extra_tags=None):
+    """A parent run laid out as the transfer sweep writes it (see pipeline.compare's schema)."""
+    rows = [*results, *failed]
+    tags = {
+        cmp.ROLE_TAG: cmp.SWEEP_ROLE,
+        cmp.MODEL_LABEL_TAG: label,
+        cmp.INIT_TAG: init,
+        cmp.ROWS_TAG: ",".join(rows),
+        **(extra_tags or {}),
+    }
+    run = client.create_run(exp_id, run_name=label, tags=tags)
+    rid = run.info.run_id
+    for row, (mean, std) in results.items():
+        client.log_metric(rid, cmp.value_key(row), mean)
+        if std is not None:
+            client.log_metric(rid, cmp.std_key(row), std)
+        client.set_tag(rid, cmp.status_tag(row), cmp.STATUS_OK)
+    for row in failed:
+        client.set_tag(rid, cmp.status_tag(row), cmp.STATUS_FAILED)
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+def _read_csv(path):
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
+def test_table_has_every_row_paper_columns_and_the_logged_numbers(tracking_uri, tmp_path):
+    client = MlflowClient(tracking_uri)
+    exp_id = client.create_experiment("compare-table")
+    scratch = _log_sweep(
+        client,
+        exp_id,
+        label="Mi/4",
+        init="scratch",
+        results={"digits_heldout": (0.4125, 0.031), "lfw": (0.71, None), "digits_heldout/fewshot_5shot": (0.3, 0.02)},
+    )
+    pretrained = _log_sweep(
+        client,
+        exp_id,
+        label="Mi/4 digits0-4",
+        init="pretrained",
+        results={
+            "digits_heldout": (0.8375, 0.0123),
+            "digits_heldout/fewshot_5shot": (0.77, 0.05),
+            "cifar10": (0.5, None),
+        },
+        failed=["lfw"],
+        extra_tags={cmp.SCRATCH_RUN_TAG: scratch},
+    )
+
+    # Name only the pretrained sweep: its scratch baseline comes along.
+    result = cmp.compare(run_ids=[pretrained], tracking_uri=tracking_uri, out_dir=tmp_path / "out")
+    table = result.table
+    rows = _read_csv(result.files["csv"])
+    header = list(rows[0])
+    assert header[0] == "benchmark"
+    assert header[1:3] == ["Mi/4 digits0-4", "Mi/4 (scratch)"]
+    assert header[3:] == [paper.paper_column(m) for m in paper.PAPER_MODELS]
+
+    by_row = {r["benchmark"]: r for r in rows}
+    assert list(by_row) == ["digits_heldout", "digits_heldout/fewshot_5shot", "cifar10", "lfw"]
+    assert by_row["digits_heldout"]["Mi/4 digits0-4"] == "83.75"
+    assert by_row["digits_heldout"]["Mi/4 (scratch)"] == "41.25"
+    assert by_row["lfw"]["Mi/4 digits0-4"] == "failed"  # failure is a visible gap
+    assert by_row["lfw"]["Mi/4 (scratch)"] == "71.00"
+    assert by_row["cifar10"]["Mi/4 (scratch)"] == "—"  # not run in that sweep
+    assert by_row["cifar10"]["ViT-H/14 JFT (paper)"] == "99.50"
+    assert by_row["digits_heldout"]["ViT-L/16 I21k (paper)"] == "—"
+
+    markdown = result.files["markdown"].read_text()
+    assert "83.75 ± 1.23" in markdown and "| lfw | failed | 71.00 |" in markdown
+    assert table.cell("digits_heldout/fewshot_5shot", "Mi/4 digits0-4").std == pytest.approx(5.0)
+    assert result.files["png"].stat().st_size > 5000
+
+    # The comparison run holds the files as artifacts.
+    client_files = {f.path for f in client.list_artifacts(result.run_id)}
+    assert {"comparison.csv", "comparison.md", "comparison.png"} <= client_files
+    assert client.get_run(result.run_id).data.tags["compared_runs"] == f"{pretrained},{scratch}"
+
+
+def test_sweeps_selected_by_experiment_and_tag_filter_with_paper_rows(tracking_uri, tmp_path):
+    client = MlflowClient(tracking_uri)
+    exp_id = client.create_experiment("compare-select")
+    for label in ("A", "B", "C"):
+        _log_sweep(client, exp_id, label=label, init="pretrained", results={"pets": (0.9, None)})
+    result = cmp.compare(
+        experiment="compare-select",
+        filter_string="tags.model_label != 'B'",
+        tracking_uri=tracking_uri,
+        out_dir=tmp_path,
+        paper_rows=True,
+        log_run=False,
+    )
+    names = [c.name for c in result.table.columns if c.kind != "paper"]
+    assert names == ["A", "C"]
+    assert result.table.rows[0] == "pets"
+    assert set(paper.PAPER_ACCURACY) <= set(result.table.rows)
+    assert result.table.cell("imagenet", "A").text() == "—"
+    assert result.table.cell("vtab", "ViT-L/16 JFT (paper)").value == 76.28
+
+
+def test_a_run_that_is_not_a_sweep_is_refused_with_advice(tracking_uri):
+    client = MlflowClient(tracking_uri)
+    exp_id = client.create_experiment("compare-wrong")
+    rid = client.create_run(exp_id).info.run_id
+    with pytest.raises(ValueError, match=r"not a transfer sweep.*parent run ids"):
+        cmp.compare(run_ids=[rid], tracking_uri=tracking_uri, log_run=False)
+
+
+def test_same_label_twice_gets_distinct_columns():
+    sweeps = [
+        cmp.Sweep(run_id=rid, label="ViT", init="pretrained", rows=["pets"], metrics={}, tags={})
+        for rid in ("aaaaaaaa1111", "bbbbbbbb2222")
+    ]
+    names = [c.name for c in cmp.build_table(sweeps).columns[:2]]
+    assert names == ["ViT", "ViT [bbbbbbbb]"]
