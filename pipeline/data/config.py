@@ -1,0 +1,102 @@
+"""Typed configuration of the data path, checked before any cluster work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pydantic
+
+from pipeline import storage
+
+
+class DataError(ValueError):
+    """A data problem the user must fix (missing shards, too few shards, corrupt data past the threshold...)."""
+
+
+def _check_data_url(url: str, field_name: str) -> str:
+    try:
+        return storage.check_url(url, field=field_name)
+    except storage.UnsupportedURLError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class DataConfig(pydantic.BaseModel, extra="forbid", frozen=False):
+    """Where the training images come from and how they are turned into batches.
+
+    ``train``/``eval`` are either a shard URL pattern with braces (``gs://b/data/train-{000000..000127}.tar``)
+    or the URL of a manifest written by ``jobs/prepare_data.py`` (``gs://b/data/train.manifest.json``).
+    """
+
+    train: str
+    eval: str | None = None
+    image_size: int = 224
+    engine: Literal["webdataset", "ray"] = "webdataset"
+    workers: int = 4
+    shuffle_buffer: int = 2000
+    resampled: bool = False
+    strict: bool = False
+    max_bad_fraction: float = 0.01
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip: bool = True
+    seed: int = 0
+
+    @pydantic.field_validator("train")
+    @classmethod
+    def _train_url(cls, value: str) -> str:
+        return _check_data_url(value, "data.train")
+
+    @pydantic.field_validator("eval")
+    @classmethod
+    def _eval_url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_data_url(value, "data.eval")
+
+    @pydantic.field_validator("image_size")
+    @classmethod
+    def _image_size(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(f"data.image_size must be a positive number of pixels (e.g. 224 or 32), got {value}")
+        return value
+
+    @pydantic.field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"data.workers is the number of DataLoader workers per rank: use 0 or more, got {value}")
+        return value
+
+    @pydantic.field_validator("shuffle_buffer")
+    @classmethod
+    def _shuffle_buffer(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"data.shuffle_buffer must be >= 0 (0 disables sample shuffling), got {value}")
+        return value
+
+    @pydantic.field_validator("max_bad_fraction")
+    @classmethod
+    def _max_bad_fraction(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"data.max_bad_fraction is a fraction of samples: use a value in [0, 1], got {value}")
+        return value
+
+    @pydantic.field_validator("crop_scale")
+    @classmethod
+    def _crop_scale(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(
+                f"data.crop_scale is the (min, max) fraction of the image area a training crop covers: "
+                f"use 0 < min <= max <= 1, e.g. (0.08, 1.0); got {value}"
+            )
+        return value
+
+
+@dataclass
+class DataInfo:
+    """What the pre-flight check found."""
+
+    num_shards: int
+    num_samples: int | None
+    num_classes: int | None
+    class_names: list[str] | None
+    shard_urls: list[str] = field(default_factory=list, repr=False)

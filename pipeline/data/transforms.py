@@ -1,0 +1,166 @@
+"""Decode + augment on the CPU workers (uint8 in, uint8 out), normalise on the training device.
+
+Why this is fast: a random-resized crop of a photo needs far fewer pixels than the photo has, so
+1. the crop box is drawn from the JPEG header alone (no decode yet);
+2. the JPEG is decoded by libjpeg-turbo (simplejpeg) at the smallest power-of-two DCT scale (1/2, 1/4, 1/8) at
+   which the crop still has at least ``size`` pixels on each side -- the IDCT then does most of the downscaling
+   for free (only these scales have SIMD kernels; 3/4, 5/8... are slower than a full decode);
+3. the crop is resized with torch's uint8 bilinear kernel (antialiased, vectorised, channels-last), which costs a
+   fraction of PIL's float resampling;
+4. images stay uint8 until ``normalize`` runs on the accelerator: a quarter of the bytes through shared memory
+   and host-to-device copies, and no float work on the CPU.
+Anything simplejpeg cannot decode (PNG, CMYK JPEG) goes through PIL; what PIL cannot decode is a bad sample.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import simplejpeg
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+INCEPTION_RATIO = (3 / 4, 4 / 3)
+# Eval: resize the shorter side to size / 0.875 (1.14x) and take the centre crop (the Inception / timm
+# convention). ``crop_fraction=None`` instead resizes the whole image straight to size x size, as the ViT
+# paper's fine-tuning evaluation did.
+EVAL_CROP_FRACTION = 0.875
+
+
+class DecodeError(ValueError):
+    """The bytes are not an image we can decode."""
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from the JPEG header, or from PIL for other formats, without decoding pixels."""
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        return height, width
+    except ValueError:
+        pass
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.height, im.width
+    except Exception as exc:
+        raise DecodeError(f"not an image ({type(exc).__name__}: {exc})") from exc
+
+
+def _decode(data: bytes, height: int, width: int, scale_down: int) -> np.ndarray:
+    """RGB uint8 [h, w, 3] at 1/scale_down of the full size (approximately: libjpeg rounds up)."""
+    try:
+        if scale_down > 1:
+            return simplejpeg.decode_jpeg(
+                data,
+                colorspace="RGB",
+                min_height=math.ceil(height / scale_down),
+                min_width=math.ceil(width / scale_down),
+            )
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except ValueError:
+        pass
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if scale_down > 1:
+                im.draft("RGB", (math.ceil(width / scale_down), math.ceil(height / scale_down)))
+            return np.asarray(im.convert("RGB"))
+    except Exception as exc:
+        raise DecodeError(f"undecodable image ({type(exc).__name__}: {exc})") from exc
+
+
+def _scale_down_for(crop_h: float, crop_w: float, size: int) -> int:
+    for factor in (8, 4, 2):
+        if crop_h / factor >= size and crop_w / factor >= size:
+            return factor
+    return 1
+
+
+def crop_resize(data: bytes, box: tuple[float, float, float, float], size: int, *, flip: bool = False) -> torch.Tensor:
+    """Decode the region ``box`` = (top, left, height, width) of an image (in full-size pixels) to [size, size, 3]."""
+    height, width = image_size(data)
+    top, left, crop_h, crop_w = box
+    factor = _scale_down_for(crop_h, crop_w, size)
+    pixels = _decode(data, height, width, factor)
+    sy, sx = pixels.shape[0] / height, pixels.shape[1] / width
+    y0, x0 = int(top * sy), int(left * sx)
+    y1 = max(y0 + 1, min(pixels.shape[0], round((top + crop_h) * sy)))
+    x1 = max(x0 + 1, min(pixels.shape[1], round((left + crop_w) * sx)))
+    # HWC numpy -> NCHW view in channels-last layout, which the uint8 bilinear kernel is vectorised for.
+    region = torch.from_numpy(pixels[y0:y1, x0:x1]).permute(2, 0, 1).unsqueeze(0)
+    if region.shape[-2:] != (size, size):
+        region = F.interpolate(region, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    out = region[0].permute(1, 2, 0)  # [size, size, 3]
+    return out.flip(1) if flip else out
+
+
+def random_resized_crop_box(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = INCEPTION_RATIO,
+) -> tuple[int, int, int, int]:
+    """Inception-style crop: area uniform in ``scale`` of the image, log-uniform aspect ratio; (top, left, h, w).
+
+    Ten tries as in the Inception preprocessing; then the centre crop with the aspect ratio clamped into range.
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def train_transform(
+    data: bytes,
+    size: int,
+    rng: np.random.Generator,
+    *,
+    scale: tuple[float, float] = (0.08, 1.0),
+    flip: bool = True,
+) -> torch.Tensor:
+    """Inception crop + random horizontal flip of an encoded image: uint8 [size, size, 3]."""
+    height, width = image_size(data)
+    box = random_resized_crop_box(height, width, rng, scale)
+    do_flip = flip and bool(rng.random() < 0.5)
+    return crop_resize(data, box, size, flip=do_flip)
+
+
+def eval_transform(data: bytes, size: int, *, crop_fraction: float | None = EVAL_CROP_FRACTION) -> torch.Tensor:
+    """Resize + centre crop (or straight to size x size when ``crop_fraction`` is None): uint8 [size, size, 3]."""
+    height, width = image_size(data)
+    if crop_fraction is None:
+        return crop_resize(data, (0, 0, height, width), size)
+    side = min(height, width) * crop_fraction
+    return crop_resize(data, ((height - side) / 2, (width - side) / 2, side, side), size)
+
+
+def to_chw_batch(images: list[torch.Tensor]) -> torch.Tensor:
+    """Stack [S, S, 3] uint8 images into a contiguous [B, 3, S, S] batch."""
+    return torch.stack(images).permute(0, 3, 1, 2).contiguous()
+
+
+def normalize(images: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [B, 3, H, W] in [0, 255] -> ``dtype`` in [-1, 1] (x / 127.5 - 1, as the ViT paper / big_vision).
+
+    Call it on the training device, after the uint8 batch has been copied there.
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize expects the loader's uint8 images, got {images.dtype}")
+    return images.to(dtype).div_(127.5).sub_(1.0)
