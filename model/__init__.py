@@ -1,0 +1,26 @@
+"""ViT architecture: variants, position-embedding resampling, checkpoint loading, analytic FLOPs.
+
+Pure PyTorch: no IO beyond reading a local weights file, nothing distributed.
+"""
+
+from model.checkpoint import CheckpointMismatchError, LoadInfo, load_checkpoint
+from model.flops import flops, param_count, train_flops_per_image
+from model.pos_embed import resample_pos_embed
+from model.variants import SIZES, ViTShape, parse_variant
+from model.vit import VisionTransformer, ViTSpec, create_vit
+
+__all__ = [
+    "SIZES",
+    "CheckpointMismatchError",
+    "LoadInfo",
+    "ViTShape",
+    "ViTSpec",
+    "VisionTransformer",
+    "create_vit",
+    "flops",
+    "load_checkpoint",
+    "param_count",
+    "parse_variant",
+    "resample_pos_embed",
+    "train_flops_per_image",
+]
