@@ -44,9 +44,10 @@ class StorageError(RuntimeError):
 
 
 def scheme_of(url: str) -> str:
+    # "pipe:" first: a pipe command may itself contain "://" ("pipe:gsutil cat gs://b/x.tar").
+    if url.startswith("pipe:"):
+        return "pipe"
     if "://" not in url:
-        if url.startswith("pipe:"):
-            return "pipe"
         return "file"
     return url.split("://", 1)[0].lower()
 

@@ -1,7 +1,27 @@
 """Sharded WebDataset ingestion: writing shard sets, reading them into training batches, and the Ray Data engine."""
 
 from pipeline.data.config import DataConfig, DataError, DataInfo
+from pipeline.data.loader import (
+    Batch,
+    EvalLoader,
+    TrainLoader,
+    build_eval_loader,
+    build_train_loader,
+    check_data,
+)
 from pipeline.data.shards import read_manifest
 from pipeline.data.transforms import normalize
 
-__all__ = ["DataConfig", "DataError", "DataInfo", "normalize", "read_manifest"]
+__all__ = [
+    "Batch",
+    "DataConfig",
+    "DataError",
+    "DataInfo",
+    "EvalLoader",
+    "TrainLoader",
+    "build_eval_loader",
+    "build_train_loader",
+    "check_data",
+    "normalize",
+    "read_manifest",
+]

@@ -88,6 +88,8 @@ def crop_resize(data: bytes, box: tuple[float, float, float, float], size: int, 
     y1 = max(y0 + 1, min(pixels.shape[0], round((top + crop_h) * sy)))
     x1 = max(x0 + 1, min(pixels.shape[1], round((left + crop_w) * sx)))
     # HWC numpy -> NCHW view in channels-last layout, which the uint8 bilinear kernel is vectorised for.
+    if not pixels.flags.writeable:  # PIL hands out read-only arrays; torch wants writable memory
+        pixels = pixels.copy()
     region = torch.from_numpy(pixels[y0:y1, x0:x1]).permute(2, 0, 1).unsqueeze(0)
     if region.shape[-2:] != (size, size):
         region = F.interpolate(region, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
