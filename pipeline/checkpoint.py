@@ -1,0 +1,257 @@
+"""Checkpoints of a DeepSpeed run on any storage URL, exact resume, and the consolidated fp32 export.
+
+Layout under ``<run_dir>/checkpoints/``::
+
+    step_00000040/
+        mp_rank_00_model_states.pt             DeepSpeed (rank 0; ZeRO-3: zero_pp_rank_<r>_..._model_states.pt)
+        zero_pp_rank_<r>_mp_rank_00_optim_states.pt   DeepSpeed, one per rank
+        rank_<r>.pt                            this rank's step, RNG states, data-loader position
+        _COMPLETE.json                         written by rank 0 last, after every rank has uploaded
+
+Saving: DeepSpeed writes local paths only, so each rank saves into its own temporary directory and uploads
+exactly the files it wrote (nothing of another rank's); after a barrier rank 0 writes the marker and deletes
+old checkpoints. Loading: a checkpoint without a marker is skipped (and logged); one with a marker that does
+not load is an error -- training never silently starts over.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline import storage
+
+log = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+RANK_FILE = "rank_{rank:05d}.pt"
+# Marker fields that must match for a checkpoint to be resumable by a run (ZeRO partitions and data-loader
+# positions are per rank, so the world size cannot change; the rest changes the shapes or the schedule).
+RESUME_KEYS = ("world_size", "zero_stage", "variant", "image_size", "num_classes", "global_batch", "micro_batch")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that should load and does not (or does not fit this run)."""
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    url: str
+    step: int
+    info: dict[str, Any]
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_step_dirs(checkpoint_dir: str) -> list[tuple[int, str]]:
+    """(step, url) of every ``step_*`` directory, oldest first, complete or not."""
+    found = []
+    for url in storage.listdir(checkpoint_dir):
+        match = STEP_DIR.match(url.rstrip("/").rsplit("/", 1)[-1])
+        if match:
+            found.append((int(match.group(1)), url.rstrip("/")))
+    return sorted(found)
+
+
+def latest_complete(checkpoint_dir: str, *, quiet: bool = False) -> CheckpointRef | None:
+    """The newest checkpoint with a completion marker; newer incomplete ones are skipped with a log line."""
+    for step, url in reversed(list_step_dirs(checkpoint_dir)):
+        info = storage.read_marker(url)
+        if info is None:
+            if not quiet:
+                log.warning(
+                    "skipping incomplete checkpoint %s: no %s marker (interrupted while saving)",
+                    url,
+                    storage.COMPLETE_MARKER,
+                )
+            continue
+        return CheckpointRef(url=url, step=step, info=info)
+    return None
+
+
+def check_compatible(ref: CheckpointRef, expected: dict[str, Any]) -> list[str]:
+    """Differences between a checkpoint's marker and what this run would write (empty list: resumable)."""
+    problems = []
+    for key in RESUME_KEYS:
+        if key in ref.info and key in expected and ref.info[key] != expected[key]:
+            problems.append(f"{key}: checkpoint {ref.info[key]!r}, this run {expected[key]!r}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------
+# per-rank state: RNGs and the data loader's position
+
+
+def capture_rng() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[0],
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate((state["python_pos"], tuple(state["python"]), None))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# save / load
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save(
+    engine: Any,
+    checkpoint_dir: str,
+    step: int,
+    *,
+    rank: int,
+    rank_state: dict[str, Any],
+    info: dict[str, Any],
+    keep_last: int,
+) -> str:
+    """Save a checkpoint of ``step`` from every rank (collective); returns its URL."""
+    tag = step_dir_name(step)
+    url = storage.join(checkpoint_dir, tag)
+    if rank == 0:
+        # A marker left by an earlier attempt at this step must not vouch for the files about to be replaced.
+        # DeepSpeed's save_checkpoint starts with a barrier, so no rank uploads before this removal.
+        storage.remove(storage.join(url, storage.COMPLETE_MARKER))
+    with tempfile.TemporaryDirectory(prefix=f"vitpipe-ckpt-rank{rank}-") as tmp:
+        engine.save_checkpoint(tmp, tag=tag, client_state={"vitpipe_step": step}, save_latest=False)
+        local = Path(tmp) / tag
+        local.mkdir(parents=True, exist_ok=True)
+        torch.save(rank_state, local / RANK_FILE.format(rank=rank))
+        files = storage.upload_dir(local, url)
+    uploaded = [None] * dist.get_world_size() if dist.is_initialized() else [files]
+    if dist.is_initialized():
+        dist.all_gather_object(uploaded, files)  # also the barrier before the marker
+    if rank == 0:
+        all_files = sorted(f for per_rank in uploaded for f in per_rank)
+        storage.mark_complete(url, {**info, "step": step, "files": all_files})
+        prune(checkpoint_dir, keep_last)
+    _barrier()
+    return url
+
+
+def prune(checkpoint_dir: str, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints; drop older ones and incomplete leftovers below them."""
+    complete = [(step, url) for step, url in list_step_dirs(checkpoint_dir) if storage.is_complete(url)]
+    if not complete:
+        return
+    keep = {url for _, url in complete[-keep_last:]}
+    newest_complete = complete[-1][0]
+    for step, url in list_step_dirs(checkpoint_dir):
+        if url in keep or step > newest_complete:
+            continue
+        # The marker goes first: a reader never sees a "complete" checkpoint with files missing.
+        storage.remove(storage.join(url, storage.COMPLETE_MARKER))
+        storage.remove(url)
+        log.info("deleted old checkpoint %s (keeping the last %d)", url, keep_last)
+
+
+def _files_for_rank(files: list[str], rank: int) -> list[str]:
+    """The files rank ``rank`` needs: shared ones plus its own ZeRO partition and rank state."""
+    own = (f"zero_pp_rank_{rank}_", RANK_FILE.format(rank=rank))
+    return [f for f in files if not f.startswith(("zero_pp_rank_", "rank_")) or f.startswith(own)]
+
+
+def load(engine: Any, ref: CheckpointRef, *, rank: int) -> dict[str, Any]:
+    """Load model, optimizer, LR schedule and step into ``engine``; returns this rank's saved state."""
+    tag = ref.url.rstrip("/").rsplit("/", 1)[-1]
+    files = ref.info.get("files") or []
+    needed = _files_for_rank(files, rank)
+    if RANK_FILE.format(rank=rank) not in needed:
+        raise CheckpointError(
+            f"checkpoint {ref.url} has no state for rank {rank} (it was written by {ref.info.get('world_size')} "
+            "workers): resume with the same scale.workers, or start a new run.name"
+        )
+    with tempfile.TemporaryDirectory(prefix=f"vitpipe-load-rank{rank}-") as tmp:
+        local = Path(tmp) / tag
+        try:
+            for name in needed:
+                storage.get_file(storage.join(ref.url, name), local / name)
+        except (OSError, storage.StorageError) as exc:
+            raise CheckpointError(f"checkpoint {ref.url} is marked complete but {exc}") from exc
+        # DeepSpeed returns (None, None) with only a warning when it finds nothing to load.
+        load_path, client_state = engine.load_checkpoint(
+            tmp, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise CheckpointError(
+                f"DeepSpeed loaded nothing from {ref.url} (files present: {sorted(needed)}); refusing to start "
+                "from scratch. Delete that checkpoint directory to resume from the one before it."
+            )
+        if client_state is not None and client_state.get("vitpipe_step") not in (None, ref.step):
+            raise CheckpointError(
+                f"{ref.url} holds step {client_state.get('vitpipe_step')}, not {ref.step}: delete the directory"
+            )
+        state = torch.load(local / RANK_FILE.format(rank=rank), map_location="cpu", weights_only=True)
+    if state.get("step") != ref.step:
+        raise CheckpointError(f"{ref.url}: rank {rank} state is for step {state.get('step')}, expected {ref.step}")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the consolidated fp32 model
+
+
+def consolidated_state_dict(engine: Any, *, rank: int) -> dict[str, torch.Tensor] | None:
+    """Full fp32 weights on rank 0 (None elsewhere), whatever the ZeRO stage and world size. Collective.
+
+    Under ZeRO-1/2/3 (and bf16) the fp32 master weights live partitioned in the optimizer;
+    ``safe_get_full_fp32_param`` gathers one parameter at a time (so peak memory is one full model on CPU
+    at rank 0, not one per rank). Without ZeRO and in fp32 the module's own parameters are the master weights.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    state: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        if full is None:
+            full = param
+        if rank == 0:
+            state[name] = full.detach().to("cpu", torch.float32).clone()
+    if rank != 0:
+        return None
+    for name, buf in module.named_buffers():
+        state[name] = buf.detach().to("cpu", torch.float32).clone()
+    return state

@@ -1,0 +1,246 @@
+"""MLflow tracking that an MLflow outage cannot stop.
+
+- ``open_run`` (driver, before the workers start): find the MLflow run of this run name (a restarted run
+  continues its MLflow run) or create it, and log the flattened config as params.
+- ``MetricLogger`` (rank 0): metrics, tags and small text artifacts go into a bounded in-memory queue that a
+  background thread delivers with retries and backoff. Training never waits on MLflow; when the queue is
+  full the oldest records are dropped and counted. ``close()`` waits a bounded time and reports how many
+  records could not be delivered.
+- ``close_run`` (driver): mark the run FINISHED / FAILED / KILLED.
+
+Every function here catches MLflow and network errors: tracking problems are logged, never raised.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# MLflow's HTTP client retries each request up to 7 times with exponential backoff (minutes against a dead
+# server); here retries belong to MetricLogger's thread, so each request fails fast. Read per request.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+RUN_NAME_TAG = "vitpipe.run_name"
+EXPORT_TAG = "export_uri"
+MAX_PARAMS_PER_CALL = 100  # MLflow's log_batch limit
+MAX_METRICS_PER_CALL = 1000
+
+
+def _client(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client: Any, uri: str, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):
+        # Without this MLflow puts artifacts in ./mlruns of whichever process creates the experiment.
+        artifact_location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def _param_value(value: Any) -> str:
+    text = "null" if value is None else str(value)
+    return text[:6000]  # MLflow's param value limit
+
+
+def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str | None:
+    """The MLflow run id for ``run_name`` (reused when the run is resumed), or None if MLflow is unreachable."""
+    from mlflow.entities import Param, RunStatus
+
+    try:
+        client = _client(uri)
+        experiment_id = _experiment_id(client, uri, experiment)
+        existing = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        values = {key: _param_value(value) for key, value in params.items()}
+        if existing:
+            run = existing[0]
+            run_id = run.info.run_id
+            client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            # MLflow params are immutable: a changed value on resume is recorded as a tag instead.
+            changed = {k: v for k, v in values.items() if k in run.data.params and run.data.params[k] != v}
+            new = [Param(k, v) for k, v in values.items() if k not in run.data.params]
+            for key, value in changed.items():
+                client.set_tag(run_id, f"param_changed.{key}", value)
+            for i in range(0, len(new), MAX_PARAMS_PER_CALL):
+                client.log_batch(run_id, params=new[i : i + MAX_PARAMS_PER_CALL])
+            log.info("MLflow: continuing run %s (%s) in experiment %r", run_id, run_name, experiment)
+        else:
+            run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+            run_id = run.info.run_id
+            items = [Param(k, v) for k, v in values.items()]
+            for i in range(0, len(items), MAX_PARAMS_PER_CALL):
+                client.log_batch(run_id, params=items[i : i + MAX_PARAMS_PER_CALL])
+            log.info("MLflow: created run %s (%s) in experiment %r", run_id, run_name, experiment)
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        return run_id
+    except Exception as exc:  # tracking must not stop training
+        log.warning("MLflow at %s is unreachable (%s): this run's metrics will not be tracked", uri, exc)
+        return None
+
+
+def close_run(uri: str, run_id: str | None, status: str, tags: dict[str, str] | None = None) -> bool:
+    """Set final tags and the run status (FINISHED, FAILED, KILLED); False if MLflow could not be reached."""
+    if run_id is None:
+        return False
+    try:
+        client = _client(uri)
+        for key, value in (tags or {}).items():
+            client.set_tag(run_id, key, value)
+        client.set_terminated(run_id, status=status)
+        return True
+    except Exception as exc:
+        log.warning("MLflow: could not close run %s as %s (%s)", run_id, status, exc)
+        return False
+
+
+@dataclass
+class DeliveryReport:
+    delivered: int  # metric values, tags and artifacts that reached MLflow
+    undelivered: int  # dropped from a full queue, or still queued when close() gave up
+
+    def __str__(self) -> str:
+        if not self.undelivered:
+            return f"MLflow: all {self.delivered} records delivered"
+        return f"MLflow: {self.undelivered} records could not be delivered ({self.delivered} delivered)"
+
+
+@dataclass
+class _Record:
+    kind: str  # "metrics", "tags" or "text"
+    payload: Any
+    size: int  # metric values / tags / artifacts in this record
+
+
+class MetricLogger:
+    """Asynchronous, bounded, retrying MLflow writer for one run. No method raises or blocks on MLflow.
+
+    ``run_id=None`` (MLflow was unreachable when the run started) counts every record as undelivered.
+    """
+
+    def __init__(self, uri: str, run_id: str | None, *, max_queue: int = 10_000, max_backoff_s: float = 10.0):
+        self.uri = uri
+        self.run_id = run_id
+        self.max_queue = max_queue
+        self.max_backoff_s = max_backoff_s
+        self._queue: collections.deque[_Record] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._delivered = 0
+        self._dropped = 0
+        self._failures = 0
+        self._thread: threading.Thread | None = None
+        if run_id is not None:
+            self._thread = threading.Thread(target=self._run, name="mlflow-logger", daemon=True)
+            self._thread.start()
+
+    # -- producer side (the training loop)
+
+    def _put(self, record: _Record) -> None:
+        if self.run_id is None:
+            self._dropped += record.size
+            return
+        with self._cond:
+            while len(self._queue) >= self.max_queue:
+                self._dropped += self._queue.popleft().size  # keep the newest
+            self._queue.append(record)
+            self._cond.notify()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        if items:
+            self._put(_Record("metrics", items, len(items)))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._put(_Record("tags", dict(tags), len(tags)))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._put(_Record("text", (text, artifact_file), 1))
+
+    # -- consumer side (background thread)
+
+    def _deliver(self, batch: list[_Record]) -> None:
+        from mlflow.entities import RunTag
+
+        client = _client(self.uri)
+        metrics = [m for r in batch if r.kind == "metrics" for m in r.payload]
+        tags = [RunTag(k, str(v)) for r in batch if r.kind == "tags" for k, v in r.payload.items()]
+        for i in range(0, len(metrics), MAX_METRICS_PER_CALL):
+            client.log_batch(self.run_id, metrics=metrics[i : i + MAX_METRICS_PER_CALL])
+        if tags:
+            client.log_batch(self.run_id, tags=tags)
+        for r in batch:
+            if r.kind == "text":
+                client.log_text(self.run_id, *r.payload)
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch = [self._queue[i] for i in range(min(len(self._queue), 50))]
+            try:
+                self._deliver(batch)
+            except Exception as exc:
+                self._failures += 1
+                if self._failures in (1, 10) or self._failures % 100 == 0:
+                    log.warning(
+                        "MLflow: delivery failed %d time(s), retrying in the background (%s)", self._failures, exc
+                    )
+                with self._cond:
+                    self._cond.wait(timeout=backoff)
+                backoff = min(self.max_backoff_s, backoff * 2)
+                continue
+            backoff = 0.5
+            with self._cond:
+                # Records dropped meanwhile were the oldest, i.e. possibly some of this batch.
+                for record in batch:
+                    if self._queue and self._queue[0] is record:
+                        self._queue.popleft()
+                        self._delivered += record.size
+
+    def pending(self) -> int:
+        with self._cond:
+            return sum(r.size for r in self._queue)
+
+    def close(self, timeout_s: float = 30.0) -> DeliveryReport:
+        """Deliver what is queued within ``timeout_s``; report what could not be delivered."""
+        if self._thread is not None:
+            deadline = time.monotonic() + timeout_s
+            while self.pending() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with self._cond:
+                left = sum(r.size for r in self._queue)
+                self._queue.clear()
+                self._dropped += left
+                self._closing = True
+                self._cond.notify_all()
+            self._thread.join(timeout=1.0)
+        report = DeliveryReport(delivered=self._delivered, undelivered=self._dropped)
+        (log.warning if report.undelivered else log.info)("%s", report)
+        return report
