@@ -9,6 +9,7 @@ from pipeline.data.loader import (
     build_train_loader,
     check_data,
 )
+from pipeline.data.ray_engine import RayTrainLoader, build_ray_dataset, ray_datasets
 from pipeline.data.shards import read_manifest
 from pipeline.data.transforms import normalize
 
@@ -18,10 +19,13 @@ __all__ = [
     "DataError",
     "DataInfo",
     "EvalLoader",
+    "RayTrainLoader",
     "TrainLoader",
     "build_eval_loader",
+    "build_ray_dataset",
     "build_train_loader",
     "check_data",
     "normalize",
+    "ray_datasets",
     "read_manifest",
 ]

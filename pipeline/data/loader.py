@@ -423,22 +423,26 @@ class TrainLoader:
             yield batch.images, batch.labels
 
     def _account(self, batch: Batch) -> None:
-        stats = self._stats
-        stats["samples"] += len(batch.keys)
-        stats["batches"] += 1
-        stats["epoch"] = batch.epochs[-1]
-        for url, count in batch.bad_by_shard.items():
-            stats["bad_samples"] += count
-            stats["bad_by_shard"][url] = stats["bad_by_shard"].get(url, 0) + count
-        seen = stats["samples"] + stats["bad_samples"]
-        if seen >= MIN_SAMPLES_FOR_BAD_FRACTION and stats["bad_samples"] > self.cfg.max_bad_fraction * seen:
-            worst = sorted(stats["bad_by_shard"].items(), key=lambda kv: -kv[1])[:10]
-            raise DataError(
-                f"{stats['bad_samples']} of {seen} samples were bad ({stats['bad_samples'] / seen:.1%} > "
-                f"data.max_bad_fraction={self.cfg.max_bad_fraction}); worst shards: "
-                + ", ".join(f"{url} ({n})" for url, n in worst)
-                + ". Rewrite or drop those shards, or raise data.max_bad_fraction"
-            )
+        account_batch(self._stats, batch, self.cfg.max_bad_fraction)
+
+
+def account_batch(stats: dict[str, Any], batch: Batch, max_bad_fraction: float) -> None:
+    """Add a delivered batch to the run's counters; raise once the bad fraction is over the threshold."""
+    stats["samples"] += len(batch.keys)
+    stats["batches"] += 1
+    stats["epoch"] = batch.epochs[-1]
+    for url, count in batch.bad_by_shard.items():
+        stats["bad_samples"] += count
+        stats["bad_by_shard"][url] = stats["bad_by_shard"].get(url, 0) + count
+    seen = stats["samples"] + stats["bad_samples"]
+    if seen >= MIN_SAMPLES_FOR_BAD_FRACTION and stats["bad_samples"] > max_bad_fraction * seen:
+        worst = sorted(stats["bad_by_shard"].items(), key=lambda kv: -kv[1])[:10]
+        raise DataError(
+            f"{stats['bad_samples']} of {seen} samples were bad ({stats['bad_samples'] / seen:.1%} > "
+            f"data.max_bad_fraction={max_bad_fraction}); worst shards: "
+            + ", ".join(f"{url} ({n})" for url, n in worst)
+            + ". Rewrite or drop those shards, or raise data.max_bad_fraction"
+        )
 
 
 def build_train_loader(

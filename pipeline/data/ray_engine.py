@@ -1,0 +1,266 @@
+"""The Ray Data engine (``data.engine: "ray"``): the same shards, decode and augmentation, run as Ray Data tasks.
+
+    driver:   TorchTrainer(train_fn, datasets=ray_datasets(cfg), ...)
+    worker:   loader = build_train_loader(cfg, batch_size=..., rank=..., world_size=...)   # -> RayTrainLoader
+              for images, labels in loader: ...                                          # same contract
+
+``ray.data.read_webdataset`` reads the tars through the fsspec filesystem of ``pipeline.storage`` (wrapped for
+pyarrow), ``map_batches`` decodes + augments on CPU workers anywhere in the cluster (uint8 out), and Ray Train's
+default ``streaming_split(world_size, equal=True)`` streams a disjoint share to each training worker.
+
+Differences from the in-worker engine, all because Ray Data runs epochs in lock-step across ranks (an epoch
+starts only when every rank asks for it):
+- Every rank gets the same number of rows per epoch (``equal=True``), so ranks never wait on each other inside an
+  epoch; the price is that up to world_size - 1 rows of an epoch may be left out. Every row that is read is read
+  once per epoch; no row is duplicated.
+- A bad sample (undecodable image, missing or invalid label) is counted and logged exactly as in the in-worker
+  engine, and replaced by a repeat of the rank's previous good sample, which keeps the ranks' row counts equal.
+  Structural damage of a tar (truncated archive, duplicate keys) makes Ray's reader fail the read task: the Ray
+  engine treats it as fatal, as in strict mode.
+- Augmentation draws fresh randomness (not seeded per sample) and the file order is reshuffled by Ray each epoch:
+  runs are not bit-reproducible.
+- Resume granularity is one epoch: the state holds the epoch of the last batch, and a restored loader starts that
+  epoch again from its beginning (samples of it already used are seen again).
+- ``memory://`` shards cannot be used: Ray's read tasks run in other processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import storage
+from pipeline.data import shards as shardlib
+from pipeline.data.config import DataConfig, DataError
+from pipeline.data.loader import Batch, _BadSampleLog, _resolve, account_batch
+from pipeline.data.transforms import DecodeError, eval_transform, train_transform
+
+log = logging.getLogger("pipeline.data")
+
+STATE_VERSION = 1
+DECODE_BATCH_ROWS = 64
+
+
+def _label_of(raw: Any, num_classes: int | None) -> tuple[int, str]:
+    """(label, error); error is "" for a good label."""
+    if not isinstance(raw, bytes | bytearray | memoryview):  # a missing member arrives as None or NaN
+        return -1, "missing label (.cls)"
+    try:
+        label = int(bytes(raw).decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        return -1, f"label is not an integer: {bytes(raw)[:20]!r}"
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        return -1, f"label {label} out of range"
+    return label, ""
+
+
+def decode_rows(
+    batch: dict[str, np.ndarray],
+    *,
+    image_size: int,
+    train: bool,
+    crop_scale: tuple[float, float],
+    flip: bool,
+    num_classes: int | None,
+) -> dict[str, np.ndarray]:
+    """``map_batches`` function: raw WebDataset rows -> uint8 images + labels, bad rows flagged (not dropped)."""
+    rng = np.random.default_rng()
+    n = len(batch["__key__"])
+    images = np.zeros((n, image_size, image_size, 3), np.uint8)
+    labels = np.full(n, -1, np.int64)
+    errors = np.empty(n, dtype=object)
+    jpgs = batch.get("jpg", [None] * n)
+    classes = batch.get("cls", [None] * n)
+    for i in range(n):
+        label, error = _label_of(classes[i], num_classes)
+        if not error and not isinstance(jpgs[i], bytes | bytearray | memoryview):
+            error = "no image member (.jpg)"
+        if not error:
+            try:
+                data = bytes(jpgs[i])
+                if train:
+                    image = train_transform(data, image_size, rng, scale=crop_scale, flip=flip)
+                else:
+                    image = eval_transform(data, image_size)
+                images[i] = image.numpy()
+                labels[i] = label
+            except DecodeError as exc:
+                error = str(exc)
+        errors[i] = error
+    return {
+        "image": images,
+        "label": labels,
+        "key": np.asarray(batch["__key__"], dtype=object),
+        "url": np.asarray(batch.get("__url__", [""] * n), dtype=object),
+        "error": errors,
+    }
+
+
+def build_ray_dataset(cfg: DataConfig, *, url: str | None = None, train: bool = True) -> Any:
+    """A ``ray.data.Dataset`` of decoded, augmented rows (image uint8 [S, S, 3], label, key, url, error)."""
+    import ray.data
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    url = url or cfg.train
+    urls, manifest = _resolve(url)
+    if not urls:
+        raise DataError(f"{url!r} names no shards")
+    schemes = {storage.scheme_of(u) for u in urls}
+    if schemes == {"memory"}:
+        raise DataError("data.engine='ray' cannot read memory:// shards (Ray tasks run in other processes)")
+    fs, _ = storage.filesystem(urls[0])
+    paths = [storage.filesystem(u)[1] for u in urls]
+    dataset = ray.data.read_webdataset(
+        paths,
+        filesystem=PyFileSystem(FSSpecHandler(fs)),
+        decoder=None,  # raw bytes: decoding is ours (no pickle, uint8 out)
+        suffixes=[shardlib.IMAGE_EXT, shardlib.LABEL_EXT],
+        shuffle="files" if train else None,
+        override_num_blocks=len(paths),
+    )
+    return dataset.map_batches(
+        decode_rows,
+        fn_kwargs={
+            "image_size": cfg.image_size,
+            "train": train,
+            "crop_scale": cfg.crop_scale,
+            "flip": cfg.flip,
+            "num_classes": manifest["num_classes"] if manifest else None,
+        },
+        batch_format="numpy",
+        batch_size=DECODE_BATCH_ROWS,
+    )
+
+
+def ray_datasets(cfg: DataConfig) -> dict[str, Any]:
+    """What the driver passes as ``TorchTrainer(datasets=...)`` when ``cfg.engine == "ray"``."""
+    return {"train": build_ray_dataset(cfg)}
+
+
+class RayTrainLoader:
+    """Iterates this rank's Ray Data shard: (images uint8 [B, 3, S, S], labels int64 [B]) forever, epoch after epoch.
+
+    ``dataset_shard`` defaults to ``ray.train.get_dataset_shard("train")`` (inside a Ray Train worker).
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        state: dict[str, Any] | None = None,
+        dataset_shard: Any = None,
+    ) -> None:
+        if batch_size <= 0:
+            raise DataError(f"batch_size must be positive, got {batch_size}")
+        self.cfg = cfg
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        urls, manifest = _resolve(cfg.train)
+        if len(urls) < world_size:
+            raise DataError(
+                f"data.train has {len(urls)} shards for {world_size} ranks: write more, smaller shards "
+                "(prepare_data.py --samples-per-shard)"
+            )
+        self.samples_per_epoch: int | None = manifest["num_samples"] // world_size if manifest else None
+        self._shard = dataset_shard
+        self._epoch = 0
+        self._stats: dict[str, Any] = {"samples": 0, "bad_samples": 0, "bad_by_shard": {}, "epoch": 0, "batches": 0}
+        if state is not None:
+            self.load_state_dict(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "engine": "ray",
+            "version": STATE_VERSION,
+            "epoch": self._stats["epoch"],
+            "stats": {**self._stats, "bad_by_shard": dict(self._stats["bad_by_shard"])},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("engine") != "ray" or state.get("version") != STATE_VERSION:
+            raise DataError(
+                f"loader state is not a ray-engine state of version {STATE_VERSION}: {state.get('engine')!r}"
+            )
+        self._epoch = int(state["epoch"])
+        stats = state.get("stats", {})
+        self._stats = {**self._stats, **stats, "bad_by_shard": dict(stats.get("bad_by_shard", {}))}
+
+    def stats(self) -> dict[str, Any]:
+        return {**self._stats, "bad_by_shard": dict(self._stats["bad_by_shard"])}
+
+    def _dataset_shard(self) -> Any:
+        if self._shard is None:
+            import ray.train
+
+            self._shard = ray.train.get_dataset_shard("train")
+            if self._shard is None:
+                raise DataError("no 'train' dataset in this Ray Train worker: pass datasets=ray_datasets(cfg)")
+        return self._shard
+
+    def batches(self) -> Iterator[Batch]:
+        shard = self._dataset_shard()
+        report = _BadSampleLog(f"rank {self.rank} (ray)")
+        images: list[np.ndarray] = []
+        labels: list[int] = []
+        keys: list[str] = []
+        epochs: list[int] = []
+        bad: dict[str, int] = {}
+        while True:
+            epoch = self._epoch
+            good_in_epoch = 0
+            previous: tuple[np.ndarray, int, str] | None = None
+            for rows in shard.iter_batches(
+                batch_size=self.batch_size,
+                batch_format="numpy",
+                local_shuffle_buffer_size=self.cfg.shuffle_buffer or None,
+            ):
+                for i in range(len(rows["key"])):
+                    error = rows["error"][i]
+                    if error:
+                        url = storage.to_url(self.cfg.train, str(rows["url"][i]))
+                        if self.cfg.strict:
+                            raise DataError(f"bad sample {rows['key'][i]} in {url}: {error} (data.strict=true)")
+                        bad[url] = bad.get(url, 0) + 1
+                        report(url, str(rows["key"][i]), error)
+                        if previous is None:
+                            continue
+                        sample = previous  # keeps this rank's row count equal to the others' (see module doc)
+                    else:
+                        sample = (rows["image"][i], int(rows["label"][i]), str(rows["key"][i]))
+                        previous = sample
+                        good_in_epoch += 1
+                    images.append(sample[0])
+                    labels.append(sample[1])
+                    keys.append(sample[2])
+                    epochs.append(epoch)  # a batch may run on from one epoch into the next
+                    if len(images) == self.batch_size:
+                        batch = Batch(
+                            images=torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
+                            labels=torch.tensor(labels, dtype=torch.int64),
+                            keys=keys,
+                            epochs=epochs,
+                            stream=0,
+                            position=(epoch, 0, 0),
+                            bad_by_shard=bad,
+                        )
+                        images, labels, keys, epochs, bad = [], [], [], [], {}
+                        self._account(batch)
+                        yield batch
+            if good_in_epoch == 0:
+                raise DataError(f"rank {self.rank}: epoch {epoch} of the Ray dataset yielded no samples")
+            self._epoch = epoch + 1
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.batches():
+            yield batch.images, batch.labels
+
+    def _account(self, batch: Batch) -> None:
+        account_batch(self._stats, batch, self.cfg.max_bad_fraction)
