@@ -1,0 +1,30 @@
+# Copy to terraform.tfvars (git-ignored) or pass with -var-file, and edit.
+#   terraform -chdir=infra/terraform apply -var-file=example.tfvars
+
+project_id = "my-vit-project"
+region     = "us-central1"
+
+# Your workstation's public IP (curl -s https://checkip.amazonaws.com) or your VPN's range.
+master_authorized_networks = [
+  { cidr_block = "203.0.113.10/32", display_name = "my-workstation" },
+]
+
+# Default GPU pool: H100 8-GPU nodes, scaled to zero when idle.
+gpu_machine_type      = "a3-highgpu-8g"
+gpu_accelerator_type  = "nvidia-h100-80gb"
+gpu_accelerator_count = 8
+gpu_node_locations    = ["us-central1-a"]
+gpu_min_nodes         = 0
+gpu_max_nodes         = 2
+gpu_spot              = false
+
+# Smaller and cheaper, for a first end-to-end try (one L4 GPU per node):
+# gpu_machine_type      = "g2-standard-8"
+# gpu_accelerator_type  = "nvidia-l4"
+# gpu_accelerator_count = 1
+# gpu_local_ssd_count   = 0
+# (then also lower the GPU requests of the Ray workers in infra/k8s/ray/*.yaml)
+
+labels = {
+  team = "vision"
+}

@@ -1,0 +1,148 @@
+# Node pools. Both run COS with containerd, shielded VMs with secure boot, the GKE metadata server
+# (required by Workload Identity) and a dedicated least-privilege node service account (iam.tf),
+# never the Compute Engine default service account.
+
+# CPU pool: Ray head Pods, the MLflow server, the KubeRay operator and GKE system Pods.
+resource "google_container_node_pool" "cpu" {
+  name     = "cpu"
+  cluster  = google_container_cluster.main.id
+  location = var.region
+
+  # total_* counts are for the whole pool across zones (min/max_node_count would be per zone).
+  autoscaling {
+    total_min_node_count = var.cpu_min_nodes
+    total_max_node_count = var.cpu_max_nodes
+    location_policy      = "BALANCED"
+  }
+
+  management {
+    auto_repair  = true
+    auto_upgrade = true
+  }
+
+  upgrade_settings {
+    max_surge       = 1
+    max_unavailable = 0
+  }
+
+  node_config {
+    machine_type = var.cpu_machine_type
+    image_type   = "COS_CONTAINERD"
+    disk_type    = "pd-balanced"
+    disk_size_gb = 100
+
+    service_account = google_service_account.nodes.email
+    # The broad scope is what Google recommends with a dedicated service account: IAM roles on that
+    # account (not scopes) decide what the node can do.
+    oauth_scopes = ["https://www.googleapis.com/auth/cloud-platform"]
+
+    workload_metadata_config {
+      mode = "GKE_METADATA"
+    }
+
+    shielded_instance_config {
+      enable_secure_boot          = true
+      enable_integrity_monitoring = true
+    }
+
+    metadata = {
+      disable-legacy-endpoints = "true"
+    }
+
+    labels = {
+      "vitpipe/pool" = "cpu"
+    }
+
+    resource_labels = local.labels
+  }
+}
+
+# GPU pool: Ray GPU workers, one Pod per node using all of its GPUs. Scales to zero when idle.
+resource "google_container_node_pool" "gpu" {
+  name           = "gpu"
+  cluster        = google_container_cluster.main.id
+  location       = var.region
+  node_locations = var.gpu_node_locations
+
+  # Start empty; the cluster autoscaler adds nodes when Ray worker Pods are pending and removes
+  # them again when they have been idle (cluster_autoscaling profile in gke.tf).
+  initial_node_count = 0
+
+  autoscaling {
+    total_min_node_count = var.gpu_min_nodes
+    total_max_node_count = var.gpu_max_nodes
+    # Take capacity in whichever listed zone has it: H100s are often scarce.
+    location_policy = "ANY"
+  }
+
+  management {
+    auto_repair  = true
+    auto_upgrade = true
+  }
+
+  # Never take a GPU node down before its replacement is up: a training job would lose a worker.
+  upgrade_settings {
+    max_surge       = 1
+    max_unavailable = 0
+  }
+
+  node_config {
+    machine_type = var.gpu_machine_type
+    image_type   = "COS_CONTAINERD"
+    disk_type    = "pd-ssd"
+    disk_size_gb = var.gpu_disk_size_gb
+    spot         = var.gpu_spot
+
+    guest_accelerator {
+      type  = var.gpu_accelerator_type
+      count = var.gpu_accelerator_count
+
+      # GKE installs the NVIDIA driver itself (no driver DaemonSet to maintain).
+      gpu_driver_installation_config {
+        gpu_driver_version = var.gpu_driver_version
+      }
+    }
+
+    # Only Pods that tolerate this taint (the Ray GPU workers) land on GPU nodes, so a stray CPU
+    # Pod can never keep an H100 node alive.
+    taint {
+      key    = "nvidia.com/gpu"
+      value  = "present"
+      effect = "NO_SCHEDULE"
+    }
+
+    # A3 machines require gVNIC.
+    gvnic {
+      enabled = true
+    }
+
+    dynamic "ephemeral_storage_local_ssd_config" {
+      for_each = var.gpu_local_ssd_count > 0 ? [var.gpu_local_ssd_count] : []
+      content {
+        local_ssd_count = ephemeral_storage_local_ssd_config.value
+      }
+    }
+
+    service_account = google_service_account.nodes.email
+    oauth_scopes    = ["https://www.googleapis.com/auth/cloud-platform"]
+
+    workload_metadata_config {
+      mode = "GKE_METADATA"
+    }
+
+    shielded_instance_config {
+      enable_secure_boot          = true
+      enable_integrity_monitoring = true
+    }
+
+    metadata = {
+      disable-legacy-endpoints = "true"
+    }
+
+    labels = {
+      "vitpipe/pool" = "gpu"
+    }
+
+    resource_labels = local.labels
+  }
+}
