@@ -133,13 +133,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        """[B, T, D] -> [B, T, D], or [B, 1, D] with only the first token as query when cls_only."""
         B, T, D = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, H, T, D/H]
+        if cls_only:
+            q = q[:, :, :1]
         dropout_p = self.attn_dropout if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # [B, H, T, D/H]
-        x = x.transpose(1, 2).reshape(B, T, D)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # [B, H, T or 1, D/H]
+        x = x.transpose(1, 2).reshape(B, -1, D)
         return self.proj(x)
 
 
@@ -166,8 +169,11 @@ class Block(nn.Module):
         self.mlp = Mlp(width, mlp_dim, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        # cls_only: a class-token classifier reads nothing else from the last block, so only the class
+        # token attends and goes through the MLP there (same logits, about 1/depth less compute).
+        residual = x[:, :1] if cls_only else x
+        x = residual + self.drop(self.attn(self.norm1(x), cls_only))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -253,21 +259,7 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] -> tokens after the final LayerNorm [B, T, D] (class token first, if any)."""
-        size = self.spec.img_size
-        if x.shape[-2:] != (size, size):
-            raise ValueError(
-                f"Expected {size}x{size} images, got {tuple(x.shape[-2:])}: resize the input, or call "
-                "set_img_size() to resample the position embeddings for the new resolution."
-            )
-        x = self.patch_embed(x)  # [B, N, D]
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, T, D]
-        x = self.pos_drop(x + self.pos_embed)
-        use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
-        for block in self.blocks:
-            # Recomputing each block in backward trades ~1/3 more compute for activation memory.
-            x = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
-        return self.norm(x)
+        return self.norm(self._encode(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens [B, T, D] -> pool -> representation (tanh) -> logits [B, classes] (or features)."""
@@ -279,11 +271,37 @@ class VisionTransformer(nn.Module):
         return self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        """Images -> logits; equals forward_head(forward_features(x)), computed with less work."""
+        return self.forward_head(self._pooled_tokens(x))
 
     def pre_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> pooled features [B, num_features] (what few-shot linear evaluation fits on)."""
-        return self.forward_head(self.forward_features(x), pre_logits=True)
+        return self.forward_head(self._pooled_tokens(x), pre_logits=True)
+
+    def _pooled_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        # With class-token pooling only the class token of the last block is read: [B, 1, D].
+        if self.spec.pool == "token":
+            return self.norm(self._encode(x, last_cls_only=True))
+        return self.forward_features(x)
+
+    def _encode(self, x: torch.Tensor, last_cls_only: bool = False) -> torch.Tensor:
+        size = self.spec.img_size
+        if x.shape[-2:] != (size, size):
+            raise ValueError(
+                f"Expected {size}x{size} images, got {tuple(x.shape[-2:])}: resize the input, or call "
+                "set_img_size() to resample the position embeddings for the new resolution."
+            )
+        x = self.patch_embed(x)  # [B, N, D]
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, T, D]
+        x = self.pos_drop(x + self.pos_embed)
+        use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            cls_only = last_cls_only and i == last
+            # Checkpointing recomputes each block in backward: ~1/3 more compute, far less activation memory.
+            x = checkpoint(block, x, cls_only, use_reentrant=False) if use_checkpoint else block(x, cls_only)
+        return x
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         self.grad_checkpointing = enabled

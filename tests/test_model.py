@@ -166,7 +166,7 @@ def test_gap_pooling_matches_timm() -> None:
         assert (ours(x) - ref(x)).abs().max().item() < 1e-4
         tokens = ours.forward_features(x)
         assert tokens.shape == (2, 196, 192)
-        assert torch.allclose(ours.pre_logits(x), tokens.mean(1))
+        torch.testing.assert_close(ours.pre_logits(x), tokens.mean(1), atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,6 +235,28 @@ def test_activation_checkpointing_same_outputs_and_grads() -> None:
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("pool", ["token", "gap"])
+def test_forward_equals_head_of_features(pool: str) -> None:
+    # forward() runs only the class token through the last block; it must be the same function.
+    model = create_vit("Mi/4", num_classes=10, img_size=32, pool=pool, representation_size=32, head_zero_init=False)
+    randomize_(model)
+    x = torch.randn(4, 3, 32, 32)
+    y = torch.randint(0, 10, (4,))
+    grads = []
+    for fast in (True, False):
+        model.zero_grad()
+        logits = model(x) if fast else model.forward_head(model.forward_features(x))
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        grads.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (fast_logits, fast_grads), (ref_logits, ref_grads) = grads
+    torch.testing.assert_close(fast_logits, ref_logits, atol=1e-5, rtol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(model.pre_logits(x), features, atol=1e-5, rtol=1e-5)
+
+
 def test_forward_shapes_and_no_head() -> None:
     model = create_vit("Mi/4", num_classes=0, img_size=32, in_chans=1).eval()
     assert model.head is None and model.num_features == 128
@@ -252,7 +274,7 @@ def test_representation_and_drop_representation() -> None:
         feats = model.pre_logits(x)
         assert model.num_features == 64 and feats.shape == (2, 64)
         expected = torch.tanh(model.representation(tokens[:, 0]))
-        assert torch.allclose(feats, expected)
+        torch.testing.assert_close(feats, expected, atol=1e-5, rtol=1e-5)
         assert torch.allclose(model(x), model.head(feats))
 
     model.drop_representation()
@@ -261,7 +283,7 @@ def test_representation_and_drop_representation() -> None:
     # head input shrinks from 64 to the width 128, so the head is rebuilt zero-initialised
     assert model.head.in_features == 128 and not model.head.weight.any()
     with torch.no_grad():
-        assert torch.allclose(model.pre_logits(x), model.forward_features(x)[:, 0])
+        torch.testing.assert_close(model.pre_logits(x), model.forward_features(x)[:, 0], atol=1e-5, rtol=1e-5)
     assert numel(model) == param_count("Mi/4", num_classes=10, img_size=32)
 
     same_width = create_vit("Mi/4", num_classes=10, img_size=32, representation_size=128, head_zero_init=False)
