@@ -36,7 +36,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import storage
 from pipeline.data import shards as shardlib
 from pipeline.data.config import DataConfig, DataError, DataInfo
-from pipeline.data.transforms import EVAL_CROP_FRACTION, DecodeError, eval_transform, to_chw_batch, train_transform
+from pipeline.data.transforms import (
+    AUG_DRAWS,
+    EVAL_CROP_FRACTION,
+    DecodeError,
+    eval_transform,
+    to_chw_batch,
+    train_transform,
+)
 
 log = logging.getLogger("pipeline.data")
 
@@ -253,8 +260,11 @@ class TrainStreams(IterableDataset):
                 url = self.urls[plan[shard_pos]]
                 readable = 0
                 rng = np.random.default_rng([cfg.seed, epoch, self.rank, stream, shard_pos, 2])
+                aug_rng = np.random.default_rng([cfg.seed, epoch, self.rank, stream, shard_pos, 3])
                 for i, sample in enumerate(shuffle_buffer(shardlib.iter_shard(url), cfg.shuffle_buffer, rng)):
                     readable += sample.error is None
+                    # Every sample takes its draws, skipped or bad: later samples' augmentations stay the same.
+                    uniforms = aug_rng.random(AUG_DRAWS)
                     if i < skip:
                         continue  # taken before the restore: not decoded, not counted again
                     error = sample.error
@@ -262,9 +272,8 @@ class TrainStreams(IterableDataset):
                         error = f"label {sample.label} >= num_classes {self.num_classes}"
                     if error is None:
                         try:
-                            aug_rng = np.random.default_rng([cfg.seed, epoch, self.rank, stream, shard_pos, i, 3])
                             image = train_transform(
-                                sample.image, cfg.image_size, aug_rng, scale=cfg.crop_scale, flip=cfg.flip
+                                sample.image, cfg.image_size, uniforms, scale=cfg.crop_scale, flip=cfg.flip
                             )
                         except DecodeError as exc:
                             error = str(exc)

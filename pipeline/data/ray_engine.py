@@ -37,7 +37,7 @@ from pipeline import storage
 from pipeline.data import shards as shardlib
 from pipeline.data.config import DataConfig, DataError
 from pipeline.data.loader import Batch, _BadSampleLog, _resolve, account_batch
-from pipeline.data.transforms import DecodeError, eval_transform, train_transform
+from pipeline.data.transforms import AUG_DRAWS, DecodeError, eval_transform, train_transform
 
 log = logging.getLogger("pipeline.data")
 
@@ -83,7 +83,7 @@ def decode_rows(
             try:
                 data = bytes(jpgs[i])
                 if train:
-                    image = train_transform(data, image_size, rng, scale=crop_scale, flip=flip)
+                    image = train_transform(data, image_size, rng.random(AUG_DRAWS), scale=crop_scale, flip=flip)
                 else:
                     image = eval_transform(data, image_size)
                 images[i] = image.numpy()

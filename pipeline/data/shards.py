@@ -224,7 +224,7 @@ def iter_shard(url: str) -> Iterator[RawSample]:
     members: dict[str, bytes] = {}
     duplicate = False
     try:
-        with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        with storage.open_read(url, streaming=True) as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for info in tar:
                 if not info.isfile():
                     continue

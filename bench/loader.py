@@ -1,0 +1,233 @@
+"""Training-loader throughput (not a test): images/s per core, and the loader end to end.
+
+    python bench/loader.py            # ~2-3 minutes on 2 cores
+
+Inputs are realistic JPEGs: 400x350 crops of the scikit-image sample photos at quality 90, output 224 px.
+Per core (one thread, in-process, CPU time of the thread, interleaved rounds, median):
+  decode-limit   PIL decode of the same bytes, nothing else (what any loader must at least pay)
+  loader         this pipeline's train transform: header -> Inception crop box -> reduced-scale decode of
+                 the JPEG -> uint8 crop/resize -> flip -> uint8 [B, 3, 224, 224] batch
+  torchvision    PIL decode + RandomResizedCrop(224) + RandomHorizontalFlip + ToTensor + Normalize
+End to end (wall clock, so they move with the load other processes put on the machine): the same loader from
+local files vs the GCS emulator (gcsfs), with 1 and 2 DataLoader workers, and the Ray Data engine beside it.
+The last line is the two ratios of the per-core numbers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np
+import torch
+from PIL import Image
+from skimage import data as skdata
+from skimage.transform import resize
+
+from pipeline import storage
+from pipeline.data import DataConfig, build_train_loader
+from pipeline.data.shards import ShardWriter
+from pipeline.data.transforms import AUG_DRAWS, to_chw_batch, train_transform
+
+SIZE = 224
+BATCH = 32
+PHOTOS = ("astronaut", "coffee", "rocket", "chelsea", "hubble_deep_field", "immunohistochemistry", "retina", "cat")
+
+
+def make_jpegs(count: int = 96) -> list[bytes]:
+    """400x350 q90 JPEGs cut from the scikit-image photos (small photos are upscaled first)."""
+    crops = []
+    for name in PHOTOS:
+        if not hasattr(skdata, name):
+            continue
+        photo = getattr(skdata, name)()
+        if photo.ndim == 2:
+            photo = np.stack([photo] * 3, axis=-1)
+        photo = photo[..., :3]
+        height, width = photo.shape[:2]
+        if height < 350 or width < 400:
+            factor = max(350 / height, 400 / width)
+            photo = (resize(photo, (int(height * factor) + 1, int(width * factor) + 1)) * 255).astype(np.uint8)
+            height, width = photo.shape[:2]
+        for top in range(0, height - 350 + 1, max(1, (height - 350) // 3 or 1)):
+            for left in range(0, width - 400 + 1, max(1, (width - 400) // 3 or 1)):
+                crops.append(np.ascontiguousarray(photo[top : top + 350, left : left + 400]))
+    rng = np.random.default_rng(0)
+    jpegs = []
+    for i in range(count):
+        crop = crops[i % len(crops)]
+        if i >= len(crops):  # variants: flipped / shifted, so the codec cannot see identical inputs
+            crop = np.ascontiguousarray(np.roll(crop[:, ::-1], int(rng.integers(1, 50)), axis=1))
+        buf = io.BytesIO()
+        Image.fromarray(crop).save(buf, "JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    return jpegs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per core
+
+
+def decode_only(jpegs: list[bytes]) -> int:
+    for data in jpegs:
+        Image.open(io.BytesIO(data)).load()
+    return len(jpegs)
+
+
+def our_loader(jpegs: list[bytes], rng: np.random.Generator) -> int:
+    for start in range(0, len(jpegs) - BATCH + 1, BATCH):
+        to_chw_batch([train_transform(d, SIZE, rng.random(AUG_DRAWS)) for d in jpegs[start : start + BATCH]])
+    return len(jpegs) // BATCH * BATCH
+
+
+def torchvision_chain(jpegs: list[bytes], transform) -> int:
+    for start in range(0, len(jpegs) - BATCH + 1, BATCH):
+        torch.stack([transform(Image.open(io.BytesIO(d)).convert("RGB")) for d in jpegs[start : start + BATCH]])
+    return len(jpegs) // BATCH * BATCH
+
+
+def per_core(jpegs: list[bytes], rounds: int = 15) -> dict[str, float]:
+    from torchvision import transforms as T
+
+    torch.set_num_threads(1)
+    chain = T.Compose(
+        [T.RandomResizedCrop(SIZE), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]
+    )
+    rng = np.random.default_rng(0)
+    runs = {
+        "decode-limit": lambda: decode_only(jpegs),
+        "loader": lambda: our_loader(jpegs, rng),
+        "torchvision": lambda: torchvision_chain(jpegs, chain),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in runs}
+    for fn in runs.values():
+        fn()  # warm-up
+    for _ in range(rounds):  # interleaved, so that load from other processes hits all three alike
+        for name, fn in runs.items():
+            # CPU time of this thread, not wall time: the machine is shared, and "per core" is what we want.
+            t = time.thread_time()
+            n = fn()
+            rates[name].append(n / (time.thread_time() - t))
+    result = {k: statistics.median(v) for k, v in rates.items()}
+    # Ratios per round (neighbouring measurements see the same machine load), then the median.
+    for other in ("decode-limit", "torchvision"):
+        result[f"loader/{other}"] = statistics.median(a / b for a, b in zip(rates["loader"], rates[other], strict=True))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end
+
+
+def write_shards(url: str, jpegs: list[bytes], shards: int = 8, per_shard: int = 48) -> str:
+    writer = ShardWriter(url, "train", max_bytes=1 << 30, max_samples=per_shard)
+    for i in range(shards * per_shard):
+        writer.write(f"img{i:05d}", jpegs[i % len(jpegs)], i % 10)
+    writer.close()
+    return f"{url}/train-{{000000..{shards - 1:06d}}}.tar"
+
+
+def loader_rate(pattern: str, workers: int, batches: int = 24) -> float:
+    cfg = DataConfig(train=pattern, image_size=SIZE, workers=workers, shuffle_buffer=64)
+    loader = build_train_loader(cfg, batch_size=BATCH, rank=0, world_size=1)
+    it = iter(loader)
+    next(it)  # worker start-up and first shard open are not throughput
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * BATCH / (time.perf_counter() - t)
+
+
+def start_emulator() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).parent / "gcp-storage-emulator"
+    proc = subprocess.Popen(
+        [str(exe), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(endpoint + "/", timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    os.environ[storage.EMULATOR_ENV] = endpoint
+    fs, _ = storage.filesystem("gs://bench")
+    fs.mkdir("bench")
+    return proc, endpoint
+
+
+def ray_rate(pattern: str, batches: int = 24) -> float:
+    import ray
+
+    from pipeline.data.ray_engine import build_ray_dataset
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        cfg = DataConfig(train=pattern, image_size=SIZE, engine="ray")
+        dataset = build_ray_dataset(cfg)
+        it = iter(dataset.iter_batches(batch_size=BATCH, batch_format="numpy"))
+        next(it)
+        t = time.perf_counter()
+        n = 0
+        for rows in it:
+            n += len(rows["label"])
+            if n >= batches * BATCH:
+                break
+        return n / (time.perf_counter() - t)
+    finally:
+        ray.shutdown()
+
+
+def main() -> None:
+    jpegs = make_jpegs()
+    sizes = [len(j) for j in jpegs]
+    print(
+        f"inputs: {len(jpegs)} JPEGs 400x350 q90, mean {np.mean(sizes) / 1e3:.1f} KB; output {SIZE} px, batch {BATCH}"
+    )
+
+    rates = per_core(jpegs)
+    for name in ("decode-limit", "loader", "torchvision"):
+        print(f"per core  {name:<13} {rates[name]:8.1f} img/s")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = write_shards(f"file://{tmp}/shards", jpegs)
+        proc, endpoint = start_emulator()
+        try:
+            remote = write_shards("gs://bench/shards", jpegs)
+            print(f"loader    local, 0 workers   {loader_rate(local, 0):8.1f} img/s")
+            print(f"loader    gcs emulator, 0 w. {loader_rate(remote, 0):8.1f} img/s  ({endpoint})")
+            one, two = loader_rate(local, 1), loader_rate(local, 2)
+            print(f"loader    local, 1 worker    {one:8.1f} img/s")
+            print(f"loader    local, 2 workers   {two:8.1f} img/s  (x{two / one:.2f}; {os.cpu_count()} cores shared)")
+        finally:
+            proc.terminate()
+            proc.wait()
+            os.environ.pop(storage.EMULATOR_ENV, None)
+        print(f"ray data  local, 2 CPUs      {ray_rate(local):8.1f} img/s  (read + decode tasks, one consumer)")
+
+    print("per core ratios: loader / decode-limit, loader / torchvision (goals >= 0.7 and >= 2)")
+    decode_ratio, torchvision_ratio = rates["loader/decode-limit"], rates["loader/torchvision"]
+    print(f"loader/decode-limit: {decode_ratio:.2f}  loader/torchvision: {torchvision_ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
