@@ -202,9 +202,13 @@ def _from_official(raw: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[s
 # Checking
 
 
-def _describe(width: int, depth: int, patch: int, mlp: int, heads: int | None = None) -> str:
+def _variant_name(width: int, depth: int, patch: int, mlp: int) -> str | None:
     size = next((s for s, (w, d, _, m) in SIZES.items() if (w, d, m) == (width, depth, mlp)), None)
-    guess = f"{size}/{patch}" if size else "no known size"
+    return f"{size}/{patch}" if size else None
+
+
+def _describe(width: int, depth: int, patch: int, mlp: int, heads: int | None = None) -> str:
+    guess = _variant_name(width, depth, patch, mlp) or "of no known size"
     head_text = f", {heads} heads" if heads else ""
     return f"{guess} (width {width}, depth {depth}, MLP {mlp}, patch {patch}{head_text})"
 
@@ -278,7 +282,12 @@ def load_checkpoint(
                 key = f"blocks.{min(found[1], spec.depth)}.norm1.weight"
                 side = "checkpoint" if found[1] > spec.depth else "model"
                 lines.append(f"{key} exists in the {side} only (checkpoint depth {found[1]}, model {spec.depth}).")
-            lines.append("Build the model with the checkpoint's variant, e.g. create_vit('<size>/<patch>', ...).")
+            variant = _variant_name(*found)
+            lines.append(
+                f"Build the model with create_vit({variant!r}, ...) to load this checkpoint."
+                if variant
+                else "Build the model with the checkpoint's width, depth, MLP size and patch size."
+            )
             _fail(lines)
         if heads is not None and heads != spec.num_heads:
             key = "blocks.0.attn.qkv.weight"
