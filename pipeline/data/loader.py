@@ -483,8 +483,10 @@ class EvalStreams(IterableDataset):
         world_size: int,
         crop_fraction: float | None,
         strict: bool,
+        num_classes: int | None = None,
     ) -> None:
         self.urls = urls
+        self.num_classes = num_classes
         self.image_size = image_size
         self.batch_size = batch_size
         self.rank = rank
@@ -502,8 +504,14 @@ class EvalStreams(IterableDataset):
         bad: Counter[str] = Counter()
 
         def emit() -> Batch:
+            # An empty batch only carries the bad-sample counts of the pass's tail (EvalLoader does not yield it).
+            pixels = (
+                to_chw_batch(images)
+                if images
+                else torch.empty((0, 3, self.image_size, self.image_size), dtype=torch.uint8)
+            )
             return Batch(
-                to_chw_batch(images),
+                pixels,
                 torch.tensor(labels, dtype=torch.int64),
                 keys,
                 [0] * len(keys),
@@ -518,6 +526,9 @@ class EvalStreams(IterableDataset):
                 if (k + j) % self.world_size != self.rank:
                     continue
                 error = sample.error
+                # The same label check as training: a label the manifest does not know is bad data, not a class.
+                if error is None and self.num_classes is not None and sample.label >= self.num_classes:
+                    error = f"label {sample.label} >= num_classes {self.num_classes}"
                 if error is None:
                     try:
                         image = eval_transform(sample.image, self.image_size, crop_fraction=self.crop_fraction)
@@ -535,7 +546,7 @@ class EvalStreams(IterableDataset):
                 if len(images) == self.batch_size:
                     yield emit()
                     images, labels, keys, bad = [], [], [], Counter()
-        if images:
+        if images or bad:  # bad samples after the last full batch must be counted too
             yield emit()
 
 
@@ -573,6 +584,7 @@ class EvalLoader:
             world_size=world_size,
             crop_fraction=crop_fraction,
             strict=strict,
+            num_classes=self.num_classes,
         )
         self._workers = workers
 
@@ -581,7 +593,8 @@ class EvalLoader:
         for batch in loader:
             for url, count in batch.bad_by_shard.items():
                 self.bad_by_shard[url] = self.bad_by_shard.get(url, 0) + count
-            yield batch
+            if batch.keys:
+                yield batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in self.batches():

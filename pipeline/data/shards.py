@@ -213,18 +213,39 @@ def _finish(key: str, members: dict[str, bytes], duplicate: bool) -> RawSample:
     return RawSample(key, image=image, label=label)
 
 
+class _EndCheckedTarInfo(tarfile.TarInfo):
+    """Notes on the archive whether iteration stopped at a real end-of-archive block.
+
+    ``tarfile`` ends iteration silently when the data stops at (or inside) a member header after the first one,
+    or when such a header is garbage: a shard cut at a member boundary would otherwise lose its remaining
+    samples without a single error. Only an all-zero block is a real end.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.vitpipe_end_of_archive = True  # type: ignore[attr-defined]
+            raise
+
+
 def iter_shard(url: str) -> Iterator[RawSample]:
     """Samples of one tar shard in stored order; broken ones come back with ``error`` set, never raised.
 
-    A truncated or otherwise unreadable tar ends the shard with one error sample. Members other than the image
-    and the label (e.g. ``.json`` metadata) are ignored. Nothing is unpickled.
+    A truncated or otherwise unreadable tar ends the shard with one error sample (carrying the key of the sample
+    being read, whose members may be incomplete), also when the cut falls exactly between two members. Members
+    other than the image and the label (e.g. ``.json`` metadata) are ignored. Nothing is unpickled.
     """
     seen: set[str] = set()
     key: str | None = None
     members: dict[str, bytes] = {}
     duplicate = False
     try:
-        with storage.open_read(url, streaming=True) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        with (
+            storage.open_read(url, streaming=True) as f,
+            tarfile.open(fileobj=f, mode="r|", tarinfo=_EndCheckedTarInfo) as tar,
+        ):
             for info in tar:
                 if not info.isfile():
                     continue
@@ -242,6 +263,8 @@ def iter_shard(url: str) -> Iterator[RawSample]:
                 if ext in members:
                     duplicate = True
                 members[ext] = data
+            if not getattr(tar, "vitpipe_end_of_archive", False):
+                raise tarfile.ReadError("archive ends without its end-of-archive block (truncated or damaged)")
     except (tarfile.TarError, EOFError, OSError) as exc:
         yield RawSample(key or "<tar>", error=f"unreadable tar ({type(exc).__name__}: {exc})")
         return
