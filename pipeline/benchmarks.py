@@ -18,12 +18,12 @@ scored on the full test split; ``vtab`` selects all 19 and their mean accuracy i
 
 The embedded benchmarks (``digits_heldout``, ``lfw``) are small real datasets that ship with scikit-learn and
 scikit-image, with CPU-sized recipes, so the whole transfer study runs on a laptop; their shards default to
-``file://<repo>/runs/data/<benchmark>`` and are written by ``jobs/prepare_data.py`` (see ``prepare_command``).
+``file://<repo>/runs/data/<benchmark>`` (``$VITPIPE_HOME/runs/data`` when set) and are written by
+``jobs/prepare_data.py`` (see ``prepare_commands``).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import pydantic
@@ -32,8 +32,6 @@ from pipeline import storage
 
 SPLITS = ("train", "minival", "test")
 REAL_LABELS_FILE = "real_labels.json"
-# The embedded benchmarks' shards live inside the checkout unless a data root is given.
-LOCAL_DATA_ROOT = "file://" + str(Path(__file__).resolve().parent.parent / "runs" / "data")
 
 # The paper's fine-tuning sweep (Table 4) for everything but ImageNet and VTAB.
 PAPER_LRS = (0.001, 0.003, 0.01, 0.03)
@@ -53,6 +51,9 @@ class Recipe(pydantic.BaseModel, extra="forbid", frozen=True):
     seeds: int = 1  # runs per learning rate; >1 for low-data benchmarks, where the spread matters
     eval_every: int = 0  # evaluate minival/test every this many steps (0: only at the end)
     micro_batch_size: int | None = None  # split each batch into micro-batches (gradient accumulation) to fit memory
+    # Training augmentation: Inception crop covering this fraction of the image area, and horizontal flips.
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip: bool = True
     # Resources one run asks Ray for.
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -81,6 +82,9 @@ class Recipe(pydantic.BaseModel, extra="forbid", frozen=True):
             raise bad("eval_every", "use 0 (evaluate at the end only) or a positive number of steps")
         if self.micro_batch_size is not None and (self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size):
             raise bad("micro_batch_size", f"must divide batch_size={self.batch_size}")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise bad("crop_scale", "is the (min, max) image-area fraction of a training crop: 0 < min <= max <= 1")
         if self.num_cpus <= 0:
             raise bad("num_cpus", "each run needs a positive number of CPUs")
         if self.num_gpus < 0:
@@ -103,8 +107,8 @@ class Benchmark(pydantic.BaseModel, extra="forbid", frozen=True):
     # ImageNet ReaL: a relabelled evaluation of the same fine-tuned model, reported as its own row
     # ("<name>_real"). The file is a JSON list with one list of valid labels per test example, in test order.
     real_labels: bool = False
-    # How to create the shards of an embedded benchmark (arguments of jobs/prepare_data.py, after --out).
-    prepare_args: tuple[str, ...] = ()
+    # How to create the shards of an embedded benchmark: argument lists of jobs/prepare_data.py (without --out).
+    prepare_args: tuple[tuple[str, ...], ...] = ()
     description: str = ""
 
     def dir_url(self, data_root: str) -> str:
@@ -119,11 +123,10 @@ class Benchmark(pydantic.BaseModel, extra="forbid", frozen=True):
     def real_labels_url(self, data_root: str) -> str | None:
         return storage.join(self.dir_url(data_root), REAL_LABELS_FILE) if self.real_labels else None
 
-    def prepare_command(self, data_root: str) -> str | None:
-        """The command that writes this benchmark's shards under ``data_root`` (embedded benchmarks only)."""
-        if not self.prepare_args:
-            return None
-        return " ".join(["python jobs/prepare_data.py", *self.prepare_args, "--out", self.dir_url(data_root)])
+    def prepare_commands(self, data_root: str) -> list[str]:
+        """The commands that write this benchmark's shards under ``data_root`` (embedded benchmarks only)."""
+        out = self.dir_url(data_root)
+        return [" ".join(["python jobs/prepare_data.py", *args, "--out", out]) for args in self.prepare_args]
 
 
 def _paper(name: str, classes: int, steps: int, lrs: tuple[float, ...], warmup: int, **extra) -> Benchmark:
@@ -172,15 +175,32 @@ def _vtab(task: str) -> Benchmark:
 def _embedded() -> list[Benchmark]:
     # CPU recipes: each run takes seconds on one core with the Mi/4 demo model. Fine-tuning happens at 48 px while
     # the demo pretrains at 32 px, so position-embedding resampling is exercised as in the paper's 224 -> 384.
-    digits = Recipe(resolution=48, steps=150, warmup_steps=15, batch_size=32, lrs=(0.01, 0.03), seeds=3, eval_every=50)
+    # Digits are not flipped (a mirrored digit is another glyph) and are cropped mildly: they fill the frame.
+    digits = Recipe(
+        resolution=48,
+        steps=150,
+        warmup_steps=15,
+        batch_size=32,
+        lrs=(0.01, 0.03),
+        seeds=3,
+        eval_every=50,
+        crop_scale=(0.5, 1.0),
+        flip=False,
+    )
     faces = Recipe(resolution=48, steps=150, warmup_steps=15, batch_size=32, lrs=(0.003, 0.01), seeds=3, eval_every=50)
+    # The low-data protocol: 10 labelled training images per class, but the full held-out minival and test splits.
+    digits_prepare = ("--source", "digits", "--classes", "5-9")
     return [
         Benchmark(
             name="digits_heldout",
             num_classes=5,
             recipe=digits,
             suite="embedded",
-            prepare_args=("--source", "digits", "--classes", "5-9", "--per-class", "10", "--split", "all"),
+            prepare_args=(
+                (*digits_prepare, "--split", "train", "--per-class", "10"),
+                (*digits_prepare, "--split", "minival"),
+                (*digits_prepare, "--split", "test"),
+            ),
             description="scikit-learn digits 5-9 (unseen by the demo's pretraining on 0-4), 10 labels per class",
         ),
         Benchmark(
@@ -188,7 +208,7 @@ def _embedded() -> list[Benchmark]:
             num_classes=2,
             recipe=faces,
             suite="embedded",
-            prepare_args=("--source", "lfw", "--split", "all"),
+            prepare_args=(("--source", "lfw", "--split", "all"),),
             description="scikit-image lfw_subset: 25x25 face vs non-face patches (200 images)",
         ),
     ]

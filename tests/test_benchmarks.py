@@ -65,8 +65,8 @@ def test_embedded_benchmarks_are_cpu_sized_and_say_how_to_make_their_data():
         b = REGISTRY[name]
         r = b.recipe
         assert r.num_gpus == 0 and r.resolution <= 48 and r.steps <= 300 and len(r.lrs) == 2
-        cmd = b.prepare_command("file:///tmp/data")
-        assert cmd.startswith("python jobs/prepare_data.py") and cmd.endswith(f"--out file:///tmp/data/{name}")
+        for cmd in b.prepare_commands("file:///tmp/data"):
+            assert cmd.startswith("python jobs/prepare_data.py") and cmd.endswith(f"--out file:///tmp/data/{name}")
     assert REGISTRY["digits_heldout"].recipe.seeds >= 3
 
 

@@ -1,0 +1,224 @@
+"""Transfer sweeps against a real local Ray head and a real MLflow server (fixtures), on tiny real shards.
+
+One sweep fans out three benchmarks x two learning rates (+ few-shot): two healthy embedded benchmarks and one
+whose training shard is corrupt. The healthy ones must complete with their curves and summaries, the broken one
+must be recorded as FAILED without stopping its siblings, and the comparison must show exactly what MLflow holds.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import statistics
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+import model as vit_model
+from pipeline import benchmarks as bench
+from pipeline import compare as cmp
+from pipeline import transfer
+from pipeline.config import ConfigError
+from pipeline.data.prepare import PrepareOptions, prepare
+from pipeline.export import save_exported_model
+
+pytestmark = pytest.mark.slow
+
+# Tiny everything: Mi/4 pretrained at 16 px, fine-tuned at 24 px (position embeddings resampled 4x4 -> 6x6).
+FAST = [
+    "resolution=24",
+    "steps=4",
+    "warmup_steps=1",
+    "batch_size=8",
+    "eval_every=2",
+    "seeds=1",
+    "digits_heldout.seeds=2",
+]
+BROKEN = "broken_digits"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("benchmarks")
+    url = f"file://{root}"
+    digits = f"{url}/digits_heldout"
+    prepare(PrepareOptions(source="digits", out=digits, split="train", classes="5-9", per_class=4))
+    for split in ("minival", "test"):
+        prepare(PrepareOptions(source="digits", out=digits, split=split, classes="5-9"))
+    prepare(PrepareOptions(source="lfw", out=f"{url}/lfw", split="all"))
+    # A benchmark whose manifests are fine but whose training shard is garbage: only the runs can find out.
+    shutil.copytree(root / "digits_heldout", root / BROKEN)
+    (root / BROKEN / "train-000000.tar").write_bytes(b"this is not a tar archive" * 100)
+    return url
+
+
+@pytest.fixture(scope="module")
+def broken_benchmark():
+    b = bench.REGISTRY["digits_heldout"].model_copy(update={"name": BROKEN, "prepare_args": ()})
+    bench.register(b, replace=True)
+    yield b
+    del bench.REGISTRY[BROKEN]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, mlflow_server):
+    """A tiny exported model and the MLflow 'pretraining run' that points at it, as jobs/pretrain.py leaves them."""
+    client = MlflowClient(mlflow_server.url)
+    exp_id = client.create_experiment("pretrain-fixture")
+    run_id = client.create_run(exp_id, run_name="tiny-fixture").info.run_id
+    vit = vit_model.create_vit("Mi/4", num_classes=5, img_size=16, representation_size=128)
+    url = f"file://{tmp_path_factory.mktemp('export')}/tiny"
+    save_exported_model(vit, url, metadata={"run_name": "tiny-fixture", "mlflow_run_id": run_id})
+    client.set_tag(run_id, transfer.EXPORT_URI_TAG, url)
+    client.set_terminated(run_id, "FINISHED")
+    return run_id, url
+
+
+def _children(client, parent_id):
+    return client.search_runs(
+        [client.get_run(parent_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+        max_results=1000,
+    )
+
+
+def test_sweep_records_every_child_and_a_broken_benchmark_fails_alone(
+    ray_connected, mlflow_server, data_root, broken_benchmark, pretrained, tmp_path
+):
+    pretrain_run_id, export_url = pretrained
+    result = transfer.run_sweep(
+        pretrained=export_url,
+        benchmarks=["digits_heldout", "lfw", BROKEN],
+        fewshot=[1, 2],
+        fewshot_seeds=2,
+        data_root=data_root,
+        tracking_uri=mlflow_server.url,
+        experiment="transfer-sweep-test",
+        sets=FAST,
+    )
+    client = MlflowClient(mlflow_server.url)
+    parent = client.get_run(result.run_id)
+    # The parent links back to the pretraining run (found through the export's metadata).
+    assert parent.data.tags[cmp.PRETRAIN_RUN_TAG] == pretrain_run_id
+    assert parent.data.tags[cmp.PRETRAINED_URI_TAG] == export_url
+    assert parent.data.tags[cmp.MODEL_LABEL_TAG] == "tiny-fixture"
+    assert parent.info.status == "FINISHED"
+
+    children = _children(client, result.run_id)
+    finetunes = [c for c in children if c.data.tags["kind"] == "finetune"]
+    fewshots = [c for c in children if c.data.tags["kind"] == "fewshot"]
+    # digits: 2 lrs x 2 seeds, lfw and broken: 2 lrs x 1 seed; one few-shot run per benchmark.
+    assert sorted(c.data.tags["benchmark"] for c in finetunes) == sorted(
+        ["digits_heldout"] * 4 + ["lfw"] * 2 + [BROKEN] * 2
+    )
+    assert sorted(c.data.tags["benchmark"] for c in fewshots) == sorted(["digits_heldout", "lfw", BROKEN])
+
+    for child in children:
+        if child.data.tags["benchmark"] == BROKEN:
+            assert child.info.status == "FAILED"
+            assert f"{BROKEN}/train-000000.tar" in child.data.tags[transfer.ERROR_TAG]
+            continue
+        assert child.info.status == "FINISHED", child.data.tags.get(transfer.ERROR_TAG)
+        if child.data.tags["kind"] == "finetune":
+            # Curves over steps, the recipe as params.
+            curve = client.get_metric_history(child.info.run_id, "test_accuracy")
+            assert [m.step for m in curve] == [2, 4]
+            assert len(client.get_metric_history(child.info.run_id, "minival_accuracy")) == 2
+            assert child.data.params["momentum"] == "0.9" and child.data.params["grad_clip"] == "1.0"
+            assert child.data.params["resolution"] == "24"
+        else:
+            assert 0.0 <= child.data.metrics["fewshot_2shot"] <= 1.0
+            assert "fewshot_2shot_std" in child.data.metrics
+
+    # The parent summary is the best-on-minival learning rate's mean over seeds, recomputed here from the children.
+    digits = [c for c in finetunes if c.data.tags["benchmark"] == "digits_heldout"]
+    by_lr: dict[float, list] = {}
+    for c in digits:
+        by_lr.setdefault(float(c.data.params["lr"]), []).append(c)
+    minival = {lr: statistics.mean(c.data.metrics["minival_accuracy"] for c in runs) for lr, runs in by_lr.items()}
+    best = max(sorted(minival), key=minival.get)  # ties: the first in the sweep (0.01, 0.03)
+    tests = [c.data.metrics["test_accuracy"] for c in by_lr[best]]
+    metrics = parent.data.metrics
+    assert metrics["digits_heldout/best_lr"] == best
+    assert metrics["digits_heldout/test_accuracy"] == pytest.approx(statistics.mean(tests))
+    assert metrics["digits_heldout/test_accuracy_std"] == pytest.approx(statistics.stdev(tests))
+    assert "lfw/test_accuracy" in metrics and "lfw/fewshot_1shot" in metrics
+    assert parent.data.tags[cmp.status_tag(BROKEN)] == cmp.STATUS_FAILED
+    assert f"{BROKEN}/test_accuracy" not in metrics
+
+    # The comparison shows the broken benchmark as a gap and our numbers as logged.
+    table = cmp.compare(run_ids=[result.run_id], tracking_uri=mlflow_server.url, out_dir=tmp_path, log_run=False)
+    rows = {r["benchmark"]: r for r in csv.DictReader(io.StringIO(table.files["csv"].read_text()))}
+    assert set(rows) == {
+        "digits_heldout",
+        "digits_heldout/fewshot_1shot",
+        "digits_heldout/fewshot_2shot",
+        "lfw",
+        "lfw/fewshot_1shot",
+        "lfw/fewshot_2shot",
+        BROKEN,
+        f"{BROKEN}/fewshot_1shot",
+        f"{BROKEN}/fewshot_2shot",
+    }
+    assert rows[BROKEN]["tiny-fixture"] == "failed"
+    assert rows["lfw"]["tiny-fixture"] == f"{100 * metrics['lfw/test_accuracy']:.2f}"
+
+
+def test_job_submit_resolves_a_pretraining_run_and_runs_the_scratch_baseline(
+    ray_cluster, mlflow_server, data_root, pretrained, tmp_path
+):
+    pretrain_run_id, _ = pretrained
+    proc = ray_cluster.job_submit(
+        "python",
+        "jobs/transfer.py",
+        "--pretrained",
+        pretrain_run_id,
+        "--benchmarks",
+        "lfw",
+        "--scratch",
+        "--tracking-uri",
+        mlflow_server.url,
+        "--experiment",
+        "transfer-job-test",
+        "--set",
+        f"data_root={data_root}",
+        *[arg for s in [*FAST, "lrs=0.01"] if not s.startswith("digits") for arg in ("--set", s)],
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = MlflowClient(mlflow_server.url)
+    exp = client.get_experiment_by_name("transfer-job-test")
+    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.{cmp.ROLE_TAG} = '{cmp.SWEEP_ROLE}'")
+    by_init = {p.data.tags[cmp.INIT_TAG]: p for p in parents}
+    assert set(by_init) == {"pretrained", "scratch"}
+    assert by_init["pretrained"].data.tags[cmp.SCRATCH_RUN_TAG] == by_init["scratch"].info.run_id
+    assert by_init["pretrained"].data.tags[cmp.PRETRAIN_RUN_TAG] == pretrain_run_id
+    for p in parents:
+        assert "lfw/test_accuracy" in p.data.metrics
+        assert len(_children(client, p.info.run_id)) == 1
+
+    # The scratch baseline joins the comparison by itself, in a column named as such.
+    result = cmp.compare(run_ids=[by_init["pretrained"].info.run_id], tracking_uri=mlflow_server.url, out_dir=tmp_path)
+    header = next(csv.reader(io.StringIO(result.files["csv"].read_text())))
+    assert header[:3] == ["benchmark", "tiny-fixture", "tiny-fixture (scratch)"]
+
+
+def test_configuration_errors_surface_before_any_run_is_created(tmp_path, data_root, pretrained):
+    _, export_url = pretrained
+    uri = f"sqlite:///{tmp_path / 'untouched.db'}"
+    base = {"pretrained": export_url, "data_root": data_root, "tracking_uri": uri}
+
+    with pytest.raises(ConfigError, match=r"unknown benchmark\(s\) 'cifar11'; known: .*cifar10"):
+        transfer.plan_sweep(transfer.build_config({**base, "benchmarks": ["cifar11"]}))
+    # A paper benchmark without shards under the root: named, with its URL.
+    with pytest.raises(ConfigError, match=r"benchmark 'pets': split train is missing .*/pets/train.manifest.json"):
+        transfer.plan_sweep(transfer.build_config({**base, "benchmarks": ["lfw", "pets"]}))
+    with pytest.raises(ConfigError, match=r"lfw: recipe.warmup_steps"):
+        transfer.plan_sweep(transfer.build_config({**base, "benchmarks": ["lfw"]}, ["steps=5", "warmup_steps=9"]))
+    with pytest.raises(ConfigError, match=r"--set stepz: unknown key"):
+        transfer.build_config({**base, "benchmarks": ["lfw"]}, ["stepz=5"])
+    with pytest.raises(ConfigError, match=r"fewshot: benchmark 'digits_heldout' has only 4 training images"):
+        transfer.plan_sweep(transfer.build_config({**base, "benchmarks": ["digits_heldout"], "fewshot": [5]}))
+    # Nothing reached MLflow.
+    assert not (tmp_path / "untouched.db").exists()
