@@ -90,10 +90,12 @@ def detect_gpu(device_name: str) -> GpuSpec | None:
 TPUV3_CORE_PEAK_FLOPS = 61.5e12
 PAPER_TPUV3_CORE_DAYS: dict[str, float] = {"H/14": 2500.0, "L/16": 680.0}
 
-# Images/s one CPU core decodes and augments. Source: docs/DESIGN.md "Loader speed", the plain uint8 path (PIL crop +
-# resize + flip, ~48 KB 375×500 JPEGs) measured on one core of the development machine: 483 img/s. Replace with the
-# rate `bench/loader.py` reports for the production loader (or pass --loader-rate-per-core).
-LOADER_IMAGES_PER_SEC_PER_CORE = 483.0
+# Images/s one CPU core feeds to training. Source: `python bench/loader.py` (the loader of commit f2a3511) on the
+# 2-core development machine, 2026-11-25: "loader gcs emulator, 0 workers" 1055 img/s per CPU-second, i.e. tar
+# streaming through gcsfs + reduced-scale JPEG decode + Inception crop + flip, on 400x350 q90 photo crops of 36 KB
+# (the transform alone: 1377 img/s/core). Photos of ImageNet/JFT size (~110 KB) decode slower: measure on the real
+# shards and pass --loader-rate-per-core.
+LOADER_IMAGES_PER_SEC_PER_CORE = 1050.0
 # Mean JPEG size of ImageNet-1k train (~140 GB / 1.28 M images); JFT images are of the same order.
 DEFAULT_IMAGE_BYTES = 110_000
 # `jobs/prepare_data.py --shard-size` default (pipeline/data/prepare.py: 256 MB).
@@ -227,15 +229,17 @@ def activation_bytes_per_layer(
           2 LNs     4·s·b·h.
 
     For a general MLP width m the 19 becomes 3 + 4·m/h, i.e. s·b·h·(18 + 4·m/h); every ViT in Table 1 has m = 4h
-    (34). Fused attention (flash / memory-efficient SDPA, what `model` uses on GPU) stores no s×s matrix: it keeps
-    its output (2·s·b·h, which eager attention need not keep) and the fp32 log-sum-exp of each query row
-    (4·a·s·b) and recomputes the scores in backward, so the 5·a·s²·b term becomes 2·s·b·h + 4·a·s·b:
-    s·b·h·36 + 4·a·s·b for m = 4h. The dropout masks are counted even at dropout 0 (conservative by 2·s·b·h).
+    (34). Fused attention (flash / memory-efficient SDPA, what `model` uses) stores no s×s matrix: it keeps its
+    output, which is the projection input already counted (the head transpose + reshape is a view of the kernel's
+    [b, s, a, h/a] output), and the fp32 log-sum-exp of each query row, and recomputes the scores in backward, so
+    the 5·a·s²·b term becomes 4·a·s·b: s·b·h·34 + 4·a·s·b for m = 4h. The dropout masks are counted even at
+    dropout 0, so this is an upper bound: for create_vit("Ti/16") at dropout 0 the tensors autograd saves are
+    0.85-0.9 of it (tests/test_planner.py checks the bound on CPU).
     fp32 activations (CPU) double everything (`bytes_per_value=4`).
     """
     s, b, h, a = float(seq_len), float(micro_batch), float(width), float(heads)
     linear_terms = s * b * h * (18.0 + 4.0 * mlp_dim / width)
-    attention_scores = 2.0 * s * b * h + 4.0 * a * s * b if flash_attention else 5.0 * a * s * s * b
+    attention_scores = 4.0 * a * s * b if flash_attention else 5.0 * a * s * s * b
     return (linear_terms + attention_scores) * bytes_per_value / 2.0
 
 
@@ -758,7 +762,7 @@ def format_plan(p: Plan) -> str:
     add(f"-- Memory per GPU at micro-batch {p.micro_batch}, {precision}, {attention} (GiB) --")
     layout = "bf16 2Ψ + 2Ψ + 12Ψ" if precision == "bf16" else "fp32 4Ψ + 4Ψ + 8Ψ (12Ψ with DeepSpeed ZeRO ≥ 1)"
     add(f"   states = params + grads + optimizer (ZeRO paper §5: {layout}, partitioned by stage over N)")
-    add("   activations per layer = s·b·h·36 + 4·a·s·b bytes with fused attention, s·b·h·(34 + 5·a·s/h) eager")
+    add("   activations per layer = s·b·h·34 + 4·a·s·b bytes with fused attention, s·b·h·(34 + 5·a·s/h) eager")
     add("   (Korthikanti et al. 2022 eq. 1); checkpointing keeps 2·s·b·h per layer + one layer")
     targets = [device] if req.gpu == "cpu" else list(GPUS.values())
     header = f"{'stage':>5} {'ckpt':>4} {'params':>7} {'grads':>7} {'optim':>7} {'states':>7} {'activ':>7} {'total':>7}"
@@ -823,7 +827,7 @@ def format_plan(p: Plan) -> str:
         add(
             f"{d.images_per_s:,.0f} images/s in all, {d.images_per_s_per_node:,.0f} per node -> "
             f"{d.cores_per_node:.1f} CPU cores per node at {req.loader_rate_per_core:g} images/s/core "
-            f"(decode + crop + flip)"
+            f"(shard read + decode + crop + flip)"
         )
         add(
             f"GCS: {d.bytes_per_s / 1e9:.2f} GB/s at {req.image_bytes / 1e3:.0f} KB per image, "
