@@ -498,7 +498,8 @@ class _Fitter:
             num_gpus=self.req.num_gpus,
             grad_checkpointing=ckpt,
             precision=self.precision,
-            flash_attention=self.req.flash_attention and self.req.gpu != "cpu",
+            # torch's SDPA on CPU is a fused kernel too: no s×s matrix is kept there either
+            flash_attention=self.req.flash_attention,
         )
 
     def fits(self, stage: int, micro: int, ckpt: bool) -> bool:
@@ -553,7 +554,7 @@ def preflight(req: PlanRequest) -> PreflightResult:
     if req.gpu == "cpu":
         notes.append(
             f"CPU run: checked against the host's available memory (psutil) shared by {req.gpus_per_node} "
-            "processes, fp32, eager attention"
+            "processes, fp32"
         )
     n = req.num_gpus
     if req.global_batch % n:
@@ -743,7 +744,7 @@ def format_plan(p: Plan) -> str:
     out: list[str] = []
     add = out.append
     precision = "fp32" if req.gpu == "cpu" else req.precision
-    attention = "fused (flash) attention" if req.flash_attention and req.gpu != "cpu" else "eager attention"
+    attention = "fused (flash) attention" if req.flash_attention else "eager attention"
     wire = 4 if precision == "fp32" else 2
 
     add(f"== Plan: ViT-{f.variant} at {f.img_size} px, {f.num_classes} classes ==")
