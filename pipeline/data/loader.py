@@ -21,8 +21,10 @@ dropped; a batch may hold the last samples of epoch e and the first of epoch e +
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -104,20 +106,39 @@ def _require_enough_shards(num_shards: int, world_size: int, workers: int, what:
         )
 
 
+@contextlib.contextmanager
+def _reaching(field_name: str, url: str) -> Iterator[None]:
+    """Turn a storage failure (unreachable endpoint, access denied...) into a DataError that names the field."""
+    try:
+        yield
+    except DataError as exc:
+        if re.match(rf"{re.escape(field_name)}\b", str(exc)):
+            raise
+        # e.g. "manifest ... does not exist": say which field pointed there (data.train or data.eval).
+        raise DataError(f"{field_name}: {exc}") from None
+    except Exception as exc:  # gcsfs, aiohttp and OS errors share no base class; a pre-flight reports them all
+        raise DataError(
+            f"{field_name}: cannot read {url} ({type(exc).__name__}: {str(exc)[:300]}); check that the storage is "
+            "reachable from here and that this job may read it"
+        ) from exc
+
+
 def check_data(cfg: DataConfig, *, world_size: int) -> DataInfo:
     """Pre-flight, before any cluster work: manifests readable, shards present and non-empty, enough shards."""
     if world_size < 1:
         raise DataError(f"world_size must be >= 1, got {world_size}")
-    urls, manifest = _resolve(cfg.train)
-    if not urls:
-        raise DataError(f"data.train: {cfg.train!r} names no shards")
-    _check_shards_exist(urls, "data.train")
+    with _reaching("data.train", cfg.train):
+        urls, manifest = _resolve(cfg.train)
+        if not urls:
+            raise DataError(f"data.train: {cfg.train!r} names no shards")
+        _check_shards_exist(urls, "data.train")
     _require_enough_shards(len(urls), world_size, cfg.workers, f"data.train ({cfg.train})")
     if cfg.eval is not None:
-        eval_urls, _ = _resolve(cfg.eval)
-        if not eval_urls:
-            raise DataError(f"data.eval: {cfg.eval!r} names no shards")
-        _check_shards_exist(eval_urls, "data.eval")
+        with _reaching("data.eval", cfg.eval):
+            eval_urls, _ = _resolve(cfg.eval)
+            if not eval_urls:
+                raise DataError(f"data.eval: {cfg.eval!r} names no shards")
+            _check_shards_exist(eval_urls, "data.eval")
     return DataInfo(
         num_shards=len(urls),
         num_samples=manifest["num_samples"] if manifest else None,
