@@ -210,10 +210,17 @@ def load(engine: Any, ref: CheckpointRef, *, rank: int) -> dict[str, Any]:
                 storage.get_file(storage.join(ref.url, name), local / name)
         except (OSError, storage.StorageError) as exc:
             raise CheckpointError(f"checkpoint {ref.url} is marked complete but {exc}") from exc
+        try:
+            load_path, client_state = engine.load_checkpoint(
+                tmp, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        except Exception as exc:
+            # The URL last: Ray shows the head and the tail of a worker's error.
+            raise CheckpointError(
+                f"{exc}\nrank {rank} cannot load checkpoint {ref.url}, although it is marked complete: fix or delete "
+                "that directory to resume from the one before it"
+            ) from exc
         # DeepSpeed returns (None, None) with only a warning when it finds nothing to load.
-        load_path, client_state = engine.load_checkpoint(
-            tmp, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
         if load_path is None:
             raise CheckpointError(
                 f"DeepSpeed loaded nothing from {ref.url} (files present: {sorted(needed)}); refusing to start "

@@ -17,6 +17,10 @@ import torch
 # CPU one (which then runs collectives over gloo). GPU machines keep DeepSpeed's own detection.
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed JIT-builds small ops (on CPU: its shared-memory allreduce) into torch's extension cache. Other DeepSpeed
+# users on the same machine were seen to build the same op with different flags, which makes every second process
+# rebuild it (about a minute each); a cache of our own keeps one build.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vitpipe/torch_extensions"))
 
 import deepspeed
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -44,9 +48,13 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
             try:
                 return torch.load(path, map_location=map_location, weights_only=True)
             except Exception as exc:
+                hint = (
+                    " (if it names a DeepSpeed class, add that to DEEPSPEED_CHECKPOINT_GLOBALS)"
+                    if "Unsupported global" in str(exc)
+                    else ""
+                )
                 raise RuntimeError(
-                    f"cannot load DeepSpeed checkpoint file {path} with weights_only=True ({exc}). If it names a "
-                    "DeepSpeed class, a new DeepSpeed version added it: add it to DEEPSPEED_CHECKPOINT_GLOBALS."
+                    f"{os.path.basename(path)} does not load with weights_only=True{hint}: {exc}"
                 ) from exc
 
 

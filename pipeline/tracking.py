@@ -25,8 +25,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # MLflow's HTTP client retries each request up to 7 times with exponential backoff (minutes against a dead
-# server); here retries belong to MetricLogger's thread, so each request fails fast. Read per request.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+# server). Retrying is MetricLogger's job here, so requests give up sooner; MLflow reads these per request and an
+# explicit setting in the environment wins.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 RUN_NAME_TAG = "vitpipe.run_name"

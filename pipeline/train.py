@@ -150,7 +150,9 @@ def connect_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    runtime_env = None if os.environ.get("RAY_JOB_ID") else {"working_dir": str(REPO_ROOT)}
+    # `ray job submit` gives its entrypoint the job's runtime env in this variable; Ray refuses a second working_dir.
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    runtime_env = None if in_job else {"working_dir": str(REPO_ROOT)}
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
 
 
@@ -343,7 +345,10 @@ def train_worker(payload: dict[str, Any]) -> None:
         loss_sum = torch.zeros((), device=device)
         for micro in range(plan.grad_accum):
             wait_start = time.perf_counter()
-            images, labels = next(batches)
+            # The loader must not draw from the training RNG (torch's DataLoader takes a base seed from it when
+            # an iterator starts), or a resumed run's dropout masks would differ from an uninterrupted run's.
+            with torch.random.fork_rng(devices=[]):
+                images, labels = next(batches)
             window_wait += time.perf_counter() - wait_start
             digest = _update_digest(digest, images, labels)
             x = normalize(images.to(device, non_blocking=True), dtype=dtype)
