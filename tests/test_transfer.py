@@ -222,3 +222,54 @@ def test_configuration_errors_surface_before_any_run_is_created(tmp_path, data_r
         transfer.plan_sweep(transfer.build_config({**base, "benchmarks": ["digits_heldout"], "fewshot": [5]}))
     # Nothing reached MLflow.
     assert not (tmp_path / "untouched.db").exists()
+
+
+@pytest.mark.reliability
+def test_a_run_whose_worker_is_killed_is_marked_failed_and_the_others_finish(
+    ray_connected, mlflow_server, data_root, pretrained
+):
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_tasks
+
+    _, export_url = pretrained
+    box: dict = {}
+
+    def sweep() -> None:
+        box["result"] = transfer.run_sweep(
+            pretrained=export_url,
+            benchmarks=["digits_heldout", "lfw"],
+            data_root=data_root,
+            tracking_uri=mlflow_server.url,
+            experiment="transfer-kill-test",
+            # lfw runs long enough to be killed mid-training; digits finishes quickly.
+            sets=[*FAST, "lfw.lrs=0.01", "lfw.steps=100000", "lfw.eval_every=0"],
+        )
+
+    thread = threading.Thread(target=sweep)
+    thread.start()
+    victim = None
+    deadline = time.monotonic() + 300
+    while victim is None and time.monotonic() < deadline and thread.is_alive():
+        running = list_tasks(filters=[("state", "=", "RUNNING")], detail=True, raise_on_missing_output=False)
+        victim = next((t for t in running if t.name.startswith("lfw ") and t.worker_pid), None)
+        time.sleep(0.5)
+    assert victim is not None, "the lfw run never started"
+    time.sleep(2)  # let it get into its training loop
+    os.kill(victim.worker_pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+
+    result = box["result"]
+    client = MlflowClient(mlflow_server.url)
+    children = {c.data.tags["benchmark"] + c.data.params["lr"]: c for c in _children(client, result.run_id)}
+    killed = children["lfw0.01"]
+    assert killed.info.status == "FAILED"
+    assert "Worker" in killed.data.tags[transfer.ERROR_TAG] or "died" in killed.data.tags[transfer.ERROR_TAG]
+    assert all(c.info.status == "FINISHED" for key, c in children.items() if key.startswith("digits_heldout"))
+    parent = client.get_run(result.run_id)
+    assert parent.data.tags[cmp.status_tag("lfw")] == cmp.STATUS_FAILED
+    assert "digits_heldout/test_accuracy" in parent.data.metrics

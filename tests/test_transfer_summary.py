@@ -1,0 +1,129 @@
+"""How a sweep's runs become the parent's rows: best learning rate on minival, seeds, ReaL, VTAB, failures.
+
+Pure functions on synthetic run outcomes (no Ray, no MLflow): the sweep test covers the same path end to end.
+"""
+
+import itertools
+import statistics
+
+import numpy as np
+import pytest
+
+from pipeline import benchmarks as bench
+from pipeline import compare as cmp
+from pipeline import transfer
+
+
+def _plan(names, *, real=False):
+    source = transfer.ModelSource("export", "file:///x", {"variant": "Mi/4"}, "m")
+    plans = []
+    for name in names:
+        b = bench.REGISTRY[name]
+        urls = {s: f"file:///d/{name}/{s}.manifest.json" for s in bench.SPLITS}
+        if real:
+            urls["real_labels"] = f"file:///d/{name}/real_labels.json"
+        plans.append(transfer.BenchmarkPlan(b, b.recipe, urls))
+    cfg = transfer.TransferConfig(pretrained="file:///x", benchmarks=list(names))
+    return transfer.SweepPlan(cfg=cfg, source=source, benchmarks=plans, inits=["pretrained"])
+
+
+def _outcome(plan, name, lr, seed, minival, test, *, status="FINISHED", **extra):
+    p = next(p for p in plan.benchmarks if p.benchmark.name == name)
+    spec = transfer.RunSpec(
+        kind="finetune",
+        benchmark=name,
+        num_classes=p.benchmark.num_classes,
+        recipe=p.recipe,
+        init="pretrained",
+        source=plan.source,
+        urls=p.urls,
+        lr=lr,
+        seed=seed,
+    )
+    metrics = {} if status == "FAILED" else {"minival_accuracy": minival, "test_accuracy": test, **extra}
+    return transfer.RunOutcome(spec, status, metrics, error="boom" if status == "FAILED" else None)
+
+
+def test_best_lr_is_chosen_on_minival_and_test_is_averaged_over_its_seeds():
+    plan = _plan(["digits_heldout"])
+    lo, hi = bench.REGISTRY["digits_heldout"].recipe.lrs
+    outcomes = [
+        # The higher lr wins on test but loses on minival: minival decides.
+        *(_outcome(plan, "digits_heldout", lo, s, 0.80, t) for s, t in enumerate([0.70, 0.74, 0.72])),
+        *(_outcome(plan, "digits_heldout", hi, s, 0.60, t) for s, t in enumerate([0.90, 0.91, 0.92])),
+    ]
+    metrics, tags = transfer.summarise(outcomes, plan, "pretrained")
+    assert metrics["digits_heldout/best_lr"] == lo
+    assert metrics["digits_heldout/test_accuracy"] == pytest.approx(0.72)
+    assert metrics["digits_heldout/test_accuracy_std"] == pytest.approx(statistics.stdev([0.70, 0.74, 0.72]))
+    assert metrics["digits_heldout/seeds"] == 3
+    assert tags[cmp.status_tag("digits_heldout")] == cmp.STATUS_OK
+    assert tags[cmp.ROWS_TAG] == "digits_heldout"
+
+
+def test_failed_seeds_are_left_out_and_an_all_failed_benchmark_is_a_failed_row():
+    plan = _plan(["digits_heldout", "lfw"])
+    lo, hi = bench.REGISTRY["digits_heldout"].recipe.lrs
+    outcomes = [
+        _outcome(plan, "digits_heldout", lo, 0, 0.5, 0.6),
+        _outcome(plan, "digits_heldout", lo, 1, 0, 0, status="FAILED"),
+        _outcome(plan, "digits_heldout", hi, 0, 0, 0, status="FAILED"),
+        *(_outcome(plan, "lfw", lr, 0, 0, 0, status="FAILED") for lr in bench.REGISTRY["lfw"].recipe.lrs),
+    ]
+    metrics, tags = transfer.summarise(outcomes, plan, "pretrained")
+    assert metrics["digits_heldout/test_accuracy"] == 0.6 and "digits_heldout/test_accuracy_std" not in metrics
+    assert metrics["digits_heldout/failed_runs"] == 2
+    assert tags[cmp.status_tag("lfw")] == cmp.STATUS_FAILED and "lfw/test_accuracy" not in metrics
+    assert tags[f"{transfer.ERROR_TAG}/lfw"] == "boom"
+
+
+def test_real_labels_give_their_own_row():
+    plan = _plan(["cifar10"], real=True)
+    outcomes = [
+        _outcome(plan, "cifar10", lr, 0, 0.5 + lr, 0.6, real_accuracy=0.7) for lr in plan.benchmarks[0].recipe.lrs
+    ]
+    metrics, tags = transfer.summarise(outcomes, plan, "pretrained")
+    assert tags[cmp.ROWS_TAG] == "cifar10,cifar10_real"
+    assert metrics[cmp.value_key("cifar10_real")] == 0.7
+
+
+def test_real_accuracy_counts_any_valid_label_and_skips_unlabelled_images():
+    predictions = np.array([3, 1, 2, 0])
+    real = [[3, 5], [2], [], [0]]  # right, wrong, no valid label (left out), right
+    assert transfer.real_accuracy(predictions, real) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="test-split order"):
+        transfer.real_accuracy(predictions, real[:3])
+
+
+def test_vtab_score_rows_appear_only_for_the_full_nineteen_tasks():
+    names = [f"vtab/{t}" for t in bench.VTAB_TASKS]
+    plan = _plan(names)
+    outcomes = [_outcome(plan, n, 0.01, 0, 0.5, (i + 1) / 100) for i, n in enumerate(names)]
+    metrics, tags = transfer.summarise(outcomes, plan, "pretrained")
+    assert metrics["vtab/test_accuracy"] == pytest.approx(statistics.mean((i + 1) / 100 for i in range(19)))
+    assert tags[cmp.status_tag("vtab/structured")] == cmp.STATUS_OK
+    # One task failed: the score is withheld, visibly.
+    outcomes[0] = _outcome(plan, names[0], 0.01, 0, 0, 0, status="FAILED")
+    metrics, tags = transfer.summarise(outcomes, plan, "pretrained")
+    assert "vtab/test_accuracy" not in metrics and tags[cmp.status_tag("vtab")] == "incomplete"
+    assert tags[cmp.status_tag("vtab/specialized")] == cmp.STATUS_OK
+    # A few tasks only: no aggregate rows at all.
+    small = _plan(names[:2])
+    _, tags = transfer.summarise(outcomes[1:2], small, "pretrained")
+    assert "vtab" not in tags[cmp.ROWS_TAG].split(",")
+
+
+def test_warmup_then_cosine_schedule():
+    lrs = [transfer.warmup_cosine(s, peak_lr=0.1, warmup_steps=4, total_steps=20) for s in range(20)]
+    assert lrs[:4] == pytest.approx([0.025, 0.05, 0.075, 0.1])
+    assert lrs[4] == pytest.approx(0.1) and lrs[12] == pytest.approx(0.05)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[4:])) and lrs[-1] > 0
+
+
+def test_set_values_are_typed_and_route_to_config_recipe_or_one_benchmark():
+    fields = transfer.apply_sets(
+        {}, ["steps=50", "lrs=0.01", "pets.lrs=0.003,0.01", "data_root=gs://b/r", "scratch=true", "fewshot=5"]
+    )
+    assert fields["recipe"] == {"steps": 50, "lrs": [0.01]}
+    assert fields["benchmark_recipes"] == {"pets": {"lrs": [0.003, 0.01]}}
+    assert fields["data_root"] == "gs://b/r" and fields["scratch"] is True and fields["fewshot"] == [5]
