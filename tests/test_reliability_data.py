@@ -264,7 +264,7 @@ def test_a_shard_deleted_after_the_preflight_check_fails_the_loader_instead_of_h
     storage.remove(urls[2])  # e.g. a lifecycle rule or an operator deleted it while the job was queued
     loader = build_train_loader(cfg, batch_size=BATCH, rank=0, world_size=1)
     batches = loader.batches()
-    with pytest.raises(DataError, match=re.escape(urls[2]) + " has no readable samples"):
+    with pytest.raises(DataError, match=re.escape(urls[2]) + " does not exist"):
         for _ in range(MAX_BATCHES):
             next(batches)
 

@@ -234,8 +234,10 @@ def iter_shard(url: str) -> Iterator[RawSample]:
     """Samples of one tar shard in stored order; broken ones come back with ``error`` set, never raised.
 
     A truncated or otherwise unreadable tar ends the shard with one error sample (carrying the key of the sample
-    being read, whose members may be incomplete), also when the cut falls exactly between two members. Members
-    other than the image and the label (e.g. ``.json`` metadata) are ignored. Nothing is unpickled.
+    being read, whose members may be incomplete), also when the cut falls exactly between two members. Storage
+    failures are not data errors: a missing shard raises ``DataError``, any other failure to read (after the
+    storage client's retries) ``storage.StorageError``. Members other than the image and the label (e.g.
+    ``.json`` metadata) are ignored. Nothing is unpickled.
     """
     seen: set[str] = set()
     key: str | None = None
@@ -265,8 +267,16 @@ def iter_shard(url: str) -> Iterator[RawSample]:
                 members[ext] = data
             if not getattr(tar, "vitpipe_end_of_archive", False):
                 raise tarfile.ReadError("archive ends without its end-of-archive block (truncated or damaged)")
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (tarfile.TarError, EOFError) as exc:
         yield RawSample(key or "<tar>", error=f"unreadable tar ({type(exc).__name__}: {exc})")
         return
+    except FileNotFoundError as exc:
+        raise DataError(f"shard {url} does not exist (any more): {exc}") from exc
+    except Exception as exc:
+        # The storage failed (outage past the client's retries, access denied...), not the data: counting this
+        # as one bad sample would quietly drop the rest of the shard. Fail instead; a restart resumes exactly.
+        raise storage.StorageError(
+            f"reading shard {url} failed ({type(exc).__name__}: {str(exc)[:300]}); no sample of it was skipped"
+        ) from exc
     if key is not None:
         yield _finish(key, members, duplicate)
