@@ -17,6 +17,6 @@ os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fixtures.gcs import *  # noqa: E402,F403
-from fixtures.mlflow_server import *  # noqa: E402,F403
-from fixtures.ray_cluster import *  # noqa: E402,F403
+from fixtures.gcs import *  # noqa: F403
+from fixtures.mlflow_server import *  # noqa: F403
+from fixtures.ray_cluster import *  # noqa: F403
