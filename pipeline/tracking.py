@@ -50,7 +50,15 @@ def _experiment_id(client: Any, uri: str, name: str) -> str:
     if uri.startswith("sqlite:///"):
         # Without this MLflow puts artifacts in ./mlruns of whichever process creates the experiment.
         artifact_location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as exc:
+        # Several jobs starting at once race to create the experiment; the losers use the winner's.
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def _param_value(value: Any) -> str:

@@ -144,11 +144,6 @@ def test_eight_concurrent_writers_lose_no_metric(concurrent_writers):
         _count_histories(client, report["run_id"], worker, steps=50)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline/tracking.py _experiment_id: create_experiment losing the race to another job raises "
-    "RESOURCE_ALREADY_EXISTS and open_run returns None (the run goes untracked); it must fetch the experiment again",
-)
 @pytest.mark.timeout(60)
 def test_a_job_that_loses_the_race_to_create_the_experiment_is_still_tracked(mlflow_server, monkeypatch):
     # Eight jobs submitted at once against a fresh MLflow all look the experiment up, find nothing, and create
