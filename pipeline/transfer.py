@@ -759,23 +759,11 @@ def _error_text(exc: BaseException) -> str:
 
 
 def _connect_ray(cfg: TransferConfig) -> None:
-    """Join the job's cluster (RAY_ADDRESS), the given address, or start a local Ray.
+    # The same connection as pretraining: the job's cluster (RAY_ADDRESS), the given address, or a local Ray; outside
+    # `ray job submit` the repository is shipped to the workers as their working dir.
+    from pipeline.train import connect_ray
 
-    Outside ``ray job submit`` the repository goes to the workers as their working dir (git-ignored files such as
-    runs/ stay behind). Inside a job its working dir already reaches every worker, and Ray refuses a second one:
-    the job driver is recognised by the job config Ray injects into its environment.
-    """
-    import os
-
-    import ray
-
-    from pipeline.config import REPO_ROOT
-
-    if ray.is_initialized():
-        return
-    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ or "RAY_JOB_ID" in os.environ
-    runtime_env = None if in_job else {"working_dir": str(REPO_ROOT)}
-    ray.init(address=cfg.ray_address, runtime_env=runtime_env, log_to_driver=True)
+    connect_ray(cfg.ray_address)
 
 
 def _check_resources(specs: list[RunSpec]) -> None:
