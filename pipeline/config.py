@@ -180,6 +180,12 @@ class ScaleSection(Section):
         default=0, ge=-1, description="Worker-group restarts Ray Train may do (from the latest checkpoint); -1 = any."
     )
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    gpu: Literal["auto", "a100-40", "a100-80", "h100", "h200"] | None = Field(
+        default="auto",
+        description="The workers' GPU, for the memory check before launch (pipeline.planner): auto = the driver's "
+        "GPU if it has one the planner knows, else h100 (what the paper presets are sized for); null = no check. "
+        "CPU workers are checked against the host's available memory instead (null skips that too).",
+    )
 
 
 class CheckpointSection(Section):

@@ -91,7 +91,11 @@ def preflight(cfg: PretrainConfig) -> Plan:
         field = "" if re.search(r"\bdata\.(train|eval)\b", str(exc)) else "data.train: "
         raise ConfigError([f"{field}{exc}{hint}"]) from None
     plan = make_plan(cfg, info)
-    ref = ckpt.latest_complete(plan.checkpoint_dir)
+    check_memory(cfg, plan)
+    try:
+        ref = ckpt.latest_complete(plan.checkpoint_dir)
+    except storage.StorageError as exc:  # an unreadable completion marker: a person has to look at it
+        raise ConfigError([f"run.name={plan.run_name}: {exc}"]) from None
     if ref is not None:
         problems = ckpt.check_compatible(ref, checkpoint_info(cfg, plan))
         if problems:
@@ -103,6 +107,45 @@ def preflight(cfg: PretrainConfig) -> Plan:
                 ]
             )
     return plan
+
+
+# The planner's words for the knobs -> this config's keys, so that a refusal names what to --set.
+_PLANNER_KEYS = {
+    "zero_stage": "train.zero_stage",
+    "micro_batch": "train.micro_batch",
+    "grad_checkpointing": "train.activation_checkpointing",
+    "global_batch": "train.global_batch",
+}
+
+
+def check_memory(cfg: PretrainConfig, plan: Plan) -> None:
+    """Refuse a config whose model states + activations cannot fit the workers' memory (``pipeline.planner``).
+
+    GPU workers are checked against ``scale.gpu`` ("auto": the driver's GPU if the planner knows it, else h100,
+    which the paper presets are sized for); CPU workers against this host's available memory. ``scale.gpu=null``
+    skips the check.
+    """
+    from pipeline import planner
+
+    if cfg.scale.gpu is None:
+        return
+    gpu, assumed = cfg.scale.gpu, ""
+    if gpu == "auto":
+        spec = planner.detect_gpu(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+        gpu = spec.key if spec is not None and spec.key in planner.GPUS else "h100"
+        assumed = f" (scale.gpu=auto assumed {gpu}: set scale.gpu to the workers' GPU, or null to skip this check)"
+    request = planner.request_from_config(cfg, steps=plan.total_steps, num_classes=plan.num_classes, gpu=gpu)
+    result = planner.preflight(request)
+    if not result.fits:
+        reasons = [
+            re.sub(
+                r"(?<![.\w])(" + "|".join(_PLANNER_KEYS) + r")(?=\s*(<=|=))",
+                lambda m: "--set " + _PLANNER_KEYS[m.group(1)],
+                reason,
+            )
+            for reason in result.reasons
+        ]
+        raise ConfigError([f"train.micro_batch / train.zero_stage: {reason}{assumed}" for reason in reasons])
 
 
 def checkpoint_info(cfg: PretrainConfig, plan: Plan) -> dict[str, Any]:
