@@ -8,7 +8,9 @@ warmup + linear-decay schedule, optional activation checkpointing. The process g
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from typing import Any
 
 import torch
@@ -19,8 +21,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # DeepSpeed JIT-builds small ops (on CPU: its shared-memory allreduce) into torch's extension cache. Other DeepSpeed
 # users on the same machine were seen to build the same op with different flags, which makes every second process
-# rebuild it (about a minute each); a cache of our own keeps one build.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/vitpipe/torch_extensions"))
+# rebuild it (about a minute each); a cache of our own keeps one build. The build also embeds the Python
+# environment's include paths, so two checkouts with their own virtualenv (e.g. a CI copy next to a working tree)
+# rebuilt it in turn (seen: 80 s per Ray worker start): one directory per environment.
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR",
+    os.path.expanduser("~/.cache/vitpipe/torch_extensions/" + hashlib.sha256(sys.prefix.encode()).hexdigest()[:10]),
+)
 
 import deepspeed
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
