@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", default="", help="comma-separated parent run ids printed by jobs/transfer.py")
     parser.add_argument("--experiment", help="take every transfer sweep of this MLflow experiment")
     parser.add_argument("--filter", help="with --experiment: an MLflow filter, e.g. \"tags.model_label = 'tiny'\"")
-    parser.add_argument("--out", default=None, help="output directory (default: runs/compare)")
+    parser.add_argument("--out", default=None, help="output directory, path or file:// URL (default: runs/compare)")
     parser.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else runs/mlflow.db)")
     parser.add_argument("--no-baselines", action="store_true", help="leave out the sweeps' from-scratch baselines")
     parser.add_argument("--paper-rows", action="store_true", help="also list the paper's benchmarks not run here")

@@ -54,6 +54,9 @@ class Recipe(pydantic.BaseModel, extra="forbid", frozen=True):
     # Training augmentation: Inception crop covering this fraction of the image area, and horizontal flips.
     crop_scale: tuple[float, float] = (0.08, 1.0)
     flip: bool = True
+    # Evaluation (and few-shot features): resize the whole image (None, as the paper's fine-tuning evaluation), or
+    # resize so that the centre crop of this fraction fills the image (the Inception convention, e.g. 0.875).
+    eval_crop_fraction: float | None = None
     # Resources one run asks Ray for.
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -82,6 +85,8 @@ class Recipe(pydantic.BaseModel, extra="forbid", frozen=True):
             raise bad("eval_every", "use 0 (evaluate at the end only) or a positive number of steps")
         if self.micro_batch_size is not None and (self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size):
             raise bad("micro_batch_size", f"must divide batch_size={self.batch_size}")
+        if self.eval_crop_fraction is not None and not 0 < self.eval_crop_fraction <= 1:
+            raise bad("eval_crop_fraction", "use None (whole image) or a fraction in (0, 1], e.g. 0.875")
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise bad("crop_scale", "is the (min, max) image-area fraction of a training crop: 0 < min <= max <= 1")

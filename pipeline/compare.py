@@ -291,8 +291,24 @@ def select_sweeps(
     return sweeps
 
 
+def _local_dir(out_dir: str | Path) -> Path:
+    """A local directory given as a path or a file:// URL (the files also go to MLflow, which can be remote)."""
+    text = str(out_dir)
+    if "://" not in text:
+        return Path(text)
+    from pipeline import storage
+
+    local = storage.local_path(text)
+    if local is None:
+        raise ValueError(
+            f"out_dir {text!r}: comparison files are written to a local directory (path or file:// URL); "
+            "they are also logged to MLflow as artifacts, which may live on remote storage"
+        )
+    return local
+
+
 def write_outputs(table: ComparisonTable, out_dir: str | Path) -> dict[str, Path]:
-    out = Path(out_dir)
+    out = _local_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "markdown": out / "comparison.md",

@@ -342,13 +342,21 @@ def _device(num_gpus: float) -> torch.device:
 
 
 @torch.no_grad()
-def predict(vit: torch.nn.Module, url: str, *, image_size: int, batch_size: int, device: torch.device):
-    """Predicted classes and labels of one full pass over a split (resize to ``image_size``, as the paper)."""
+def predict(
+    vit: torch.nn.Module,
+    url: str,
+    *,
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    crop_fraction: float | None = None,
+):
+    """Predicted classes and labels of one full pass over a split (the recipe's eval transform)."""
     from pipeline.data import build_eval_loader, normalize
 
     vit.eval()
     preds, labels = [], []
-    loader = build_eval_loader(url, image_size=image_size, batch_size=batch_size, crop_fraction=None)
+    loader = build_eval_loader(url, image_size=image_size, batch_size=batch_size, crop_fraction=crop_fraction)
     for images, targets in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = vit(normalize(images.to(device, non_blocking=True)))
@@ -415,7 +423,12 @@ def finetune(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, 
         out = {}
         for split in ("minival", "test"):
             preds, labels = predict(
-                vit, spec.urls[split], image_size=recipe.resolution, batch_size=eval_batch, device=device
+                vit,
+                spec.urls[split],
+                image_size=recipe.resolution,
+                batch_size=eval_batch,
+                device=device,
+                crop_fraction=recipe.eval_crop_fraction,
             )
             out[f"{split}_accuracy"] = float((preds == labels).mean())
             if split == "test" and real is not None:
@@ -471,7 +484,9 @@ def fewshot(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, f
     size = vit.spec.img_size  # the features as pretrained: no resampling, no fine-tuning
     features = {}
     for split in bench.SPLITS:
-        loader = build_eval_loader(spec.urls[split], image_size=size, batch_size=256, crop_fraction=None)
+        loader = build_eval_loader(
+            spec.urls[split], image_size=size, batch_size=256, crop_fraction=spec.recipe.eval_crop_fraction
+        )
         try:
             features[split] = extract_features(vit, loader, device=device)
         except ValueError as exc:  # nothing readable: say which shards were bad

@@ -69,7 +69,7 @@ def test_table_has_every_row_paper_columns_and_the_logged_numbers(tracking_uri, 
     )
 
     # Name only the pretrained sweep: its scratch baseline comes along.
-    result = cmp.compare(run_ids=[pretrained], tracking_uri=tracking_uri, out_dir=tmp_path / "out")
+    result = cmp.compare(run_ids=[pretrained], tracking_uri=tracking_uri, out_dir=f"file://{tmp_path}/out")
     table = result.table
     rows = _read_csv(result.files["csv"])
     header = list(rows[0])
@@ -91,6 +91,7 @@ def test_table_has_every_row_paper_columns_and_the_logged_numbers(tracking_uri, 
     assert "83.75 ± 1.23" in markdown and "| lfw | failed | 71.00 |" in markdown
     assert table.cell("digits_heldout/fewshot_5shot", "Mi/4 digits0-4").std == pytest.approx(5.0)
     assert result.files["png"].stat().st_size > 5000
+    assert result.files["csv"] == tmp_path / "out" / "comparison.csv"
 
     # The comparison run holds the files as artifacts.
     client_files = {f.path for f in client.list_artifacts(result.run_id)}

@@ -246,7 +246,7 @@ def test_a_run_whose_worker_is_killed_is_marked_failed_and_the_others_finish(
             tracking_uri=mlflow_server.url,
             experiment="transfer-kill-test",
             # lfw runs long enough to be killed mid-training; digits finishes quickly.
-            sets=[*FAST, "lfw.lrs=0.01", "lfw.steps=100000", "lfw.eval_every=0"],
+            sets=[*FAST, "digits_heldout.seeds=1", "lfw.lrs=0.01", "lfw.steps=100000", "lfw.eval_every=0"],
         )
 
     thread = threading.Thread(target=sweep)
