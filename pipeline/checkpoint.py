@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline import storage
+from pipeline import faults, storage
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ def save(
     """Save a checkpoint of ``step`` from every rank (collective); returns its URL."""
     tag = step_dir_name(step)
     url = storage.join(checkpoint_dir, tag)
+    run_dir = checkpoint_dir.rstrip("/").rsplit("/", 1)[0]  # where the fault-injection hooks keep their records
     if rank == 0:
         # A marker left by an earlier attempt at this step must not vouch for the files about to be replaced.
         # DeepSpeed's save_checkpoint starts with a barrier, so no rank uploads before this removal.
@@ -159,11 +160,13 @@ def save(
         local = Path(tmp) / tag
         local.mkdir(parents=True, exist_ok=True)
         torch.save(rank_state, local / RANK_FILE.format(rank=rank))
-        files = storage.upload_dir(local, url)
+        # storage.upload_dir, unless the tests' VITPIPE_FAULTS asks for an upload that fails halfway
+        files = faults.upload_dir(local, url, step=step, rank=rank, run_dir=run_dir)
     uploaded = [None] * dist.get_world_size() if dist.is_initialized() else [files]
     if dist.is_initialized():
         dist.all_gather_object(uploaded, files)  # also the barrier before the marker
     if rank == 0:
+        faults.fire("before_marker", step=step, rank=rank, run_dir=run_dir)
         all_files = sorted(f for per_rank in uploaded for f in per_rank)
         storage.mark_complete(url, {**info, "step": step, "files": all_files})
         prune(checkpoint_dir, keep_last)

@@ -156,6 +156,11 @@ class TrainSection(Section):
     activation_checkpointing: bool = False
     seed: int = 0
     log_every: int = Field(default=50, ge=1, description="Steps between console lines and MLflow metrics.")
+    ledger: bool = Field(
+        default=False,
+        description="Write which samples each rank trained on at each step, per attempt, to <run>/ledger/ "
+        "(pipeline/ledger.py): an audit aid for short runs and the reliability tests.",
+    )
     stop_at_step: int | None = Field(
         default=None,
         ge=1,
@@ -472,6 +477,7 @@ class Plan:
     samples_per_epoch: int | None
     class_names: list[str] | None
     bf16: bool
+    resume_step: int | None = None  # set by train.preflight when a complete checkpoint exists: the workers must find it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

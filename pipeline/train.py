@@ -18,6 +18,7 @@ the resubmission case Ray knows nothing about.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import checkpoint as ckpt
-from pipeline import storage, tracking
+from pipeline import faults, ledger, storage, tracking
 from pipeline.config import REPO_ROOT, ConfigError, Plan, PretrainConfig, make_plan
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ def preflight(cfg: PretrainConfig) -> Plan:
                     + "): restore those settings, or choose a new run.name"
                 ]
             )
+        # The workers must resume from this checkpoint (or a later one), never from scratch.
+        plan = dataclasses.replace(plan, resume_step=ref.step)
     return plan
 
 
@@ -199,6 +202,15 @@ def connect_ray(address: str | None = None) -> None:
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
 
 
+# Environment the Ray Train workers need from the driver: the storage endpoint (the GCS emulator in tests and
+# local demos) and the tests' fault-injection switches.
+FORWARDED_ENV = (storage.EMULATOR_ENV, faults.ENV)
+
+
+def forwarded_env() -> dict[str, str]:
+    return {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+
+
 def run(cfg: PretrainConfig, plan: Plan) -> RunResult:
     """Train on the connected Ray cluster (``connect_ray`` first). Call ``preflight`` before: it makes the plan."""
     import ray.train
@@ -247,6 +259,9 @@ def run(cfg: PretrainConfig, plan: Plan) -> RunResult:
             # Ray keeps only its bookkeeping here (no checkpoints are reported to it).
             storage_path=str(local_root / plan.run_name / "ray") if local_root else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scale.max_failures),
+            # Ray workers inherit the environment of the node's raylet, not the driver's: without this, workers
+            # would read and write another storage than the one the driver checked.
+            worker_runtime_env={"env_vars": forwarded_env()},
         ),
         datasets=datasets,
     )
@@ -263,9 +278,12 @@ def run(cfg: PretrainConfig, plan: Plan) -> RunResult:
             metrics,
         )
     except Exception as exc:
-        diverged = storage.join(plan.run_dir, DIVERGED_MARKER)
-        if storage.exists(diverged):
-            raise LossNotFiniteError(storage.read_json(diverged)["message"]) from exc
+        # Only a divergence leaves the marker. Looking for it after any other failure would add the storage client's
+        # whole retry budget (~30 s) to a failure that a storage outage caused, and then report the wrong error.
+        if LossNotFiniteError.__name__ in str(exc):
+            diverged = storage.join(plan.run_dir, DIVERGED_MARKER)
+            if storage.exists(diverged):
+                raise LossNotFiniteError(storage.read_json(diverged)["message"]) from exc
         raise
     finally:
         if cfg.tracking.enabled:
@@ -322,6 +340,15 @@ def train_worker(payload: dict[str, Any]) -> None:
     if storage.exists(diverged_url):
         # A Ray restart after a divergence would only diverge again from the same checkpoint.
         raise LossNotFiniteError(storage.read_json(diverged_url)["message"])
+    # Before the (slow) engine set-up, so that a resume that cannot happen fails fast.
+    ref = ckpt.latest_complete(plan.checkpoint_dir, quiet=rank != 0)
+    if plan.resume_step is not None and (ref is None or ref.step < plan.resume_step):
+        found = f"only the one of step {ref.step}" if ref is not None else "no complete checkpoint"
+        raise ckpt.CheckpointError(
+            f"run {plan.run_name} was launched to resume from the checkpoint of step {plan.resume_step}, but rank "
+            f"{rank} finds {found} in {plan.checkpoint_dir}: refusing to start over. Check that the workers reach "
+            "the same storage as the driver and that the checkpoint was not deleted"
+        )
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model_kwargs = {
@@ -342,7 +369,6 @@ def train_worker(payload: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed * 100_003 + rank)
 
     step, digest, loader_state = 0, "", None
-    ref = ckpt.latest_complete(plan.checkpoint_dir, quiet=rank != 0)
     if ref is not None:
         state = ckpt.load(engine, ref, rank=rank)
         step, digest, loader_state = ref.step, state["digest"], state["loader"]
@@ -350,7 +376,12 @@ def train_worker(payload: dict[str, Any]) -> None:
         if rank == 0:
             log.info(f"[{plan.run_name}] resumed from {ref.url} at step {step}")
     loader = build_train_loader(cfg.data, batch_size=plan.micro_batch, rank=rank, world_size=world, state=loader_state)
-    batches = iter(loader)
+    batches = loader.batches()
+    steps_ledger = None
+    if cfg.train.ledger:
+        steps_ledger = ledger.StepLedger(
+            plan.run_dir, rank, resumed_from_step=step, checkpoint=ref.url if ref is not None else None
+        )
     logger = None
     if rank == 0 and cfg.tracking.enabled:
         logger = tracking.MetricLogger(
@@ -386,12 +417,17 @@ def train_worker(payload: dict[str, Any]) -> None:
     engine.train()
     while step < plan.stop_step:
         loss_sum = torch.zeros((), device=device)
+        step_keys: list[str] = []
+        step_epochs: list[int] = []
         for micro in range(plan.grad_accum):
             wait_start = time.perf_counter()
             # The loader must not draw from the training RNG (torch's DataLoader takes a base seed from it when
             # an iterator starts), or a resumed run's dropout masks would differ from an uninterrupted run's.
             with torch.random.fork_rng(devices=[]):
-                images, labels = next(batches)
+                batch = next(batches)
+            images, labels = batch.images, batch.labels
+            step_keys += batch.keys
+            step_epochs += batch.epochs
             window_wait += time.perf_counter() - wait_start
             digest = _update_digest(digest, images, labels)
             x = normalize(images.to(device, non_blocking=True), dtype=dtype)
@@ -459,6 +495,9 @@ def train_worker(payload: dict[str, Any]) -> None:
             last_good = save_checkpoint(step)
             if rank == 0:
                 log.info(f"[{plan.run_name}] checkpoint {last_good}")
+        if steps_ledger is not None:
+            steps_ledger.record(step, step_keys, step_epochs)
+        faults.fire("after_step", step=step, rank=rank, run_dir=plan.run_dir)  # tests only: see pipeline/faults.py
 
     exported = step >= plan.total_steps
     export_uri = None

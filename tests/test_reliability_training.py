@@ -8,14 +8,24 @@ running DeepSpeed ZeRO-2 over gloo, checkpoints on ``file://`` or on the GCS emu
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
 
+from pipeline import faults, ledger, storage
+from pipeline.config import ConfigError, Plan, load_config
 from pipeline.data.prepare import PrepareOptions, prepare
+from pipeline.export import load_exported_model
+from pipeline.train import RunResult, preflight, run
 from tests.test_reliability_config import CONFIG_ERROR_EXIT, PROBE, REPO, _closed_port
 
 pytestmark = pytest.mark.reliability
@@ -75,3 +85,382 @@ def _base_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared: the data, the run's settings, an unfailed baseline run
+
+
+STEPS = 12
+EVERY = 4  # checkpoints at steps 4, 8 and 12
+
+
+@pytest.fixture(scope="module")
+def digits80(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """80 real digits (0-4, 16 each) in 7 shards of <= 12: one epoch is ~6 steps of the runs below on either rank,
+    so 12 steps consume all of epoch 0 and part of epoch 1. Returns (shard directory, every sample key)."""
+    from pipeline.data.shards import iter_shard
+
+    out = tmp_path_factory.mktemp("digits80")
+    prepare(PrepareOptions(source="digits", out=out.as_uri(), classes="0-4", per_class=16, samples_per_shard=12))
+    keys = [s.key for shard in sorted(out.glob("train-*.tar")) for s in iter_shard(shard.as_uri())]
+    assert len(keys) == len(set(keys)) == 80
+    return out, keys
+
+
+def _overrides(data: str, root: str, name: str, *extra: str) -> list[str]:
+    """12 steps of the tiny ViT on 2 workers, ZeRO-2, global batch 16 = 2 workers x micro 4 x 2 accumulation,
+    dropout on (so the RNG state must survive a restart too), checkpoint every 4, the step ledger on."""
+    return [
+        f"data.train={data}",
+        f"run.root={root}",
+        f"run.name={name}",
+        "train.zero_stage=2",
+        "train.global_batch=16",
+        "train.micro_batch=4",
+        f"train.steps={STEPS}",
+        "optim.warmup_steps=2",
+        "optim.lr=2e-3",
+        "model.dropout=0.1",
+        f"checkpoint.every_steps={EVERY}",
+        "checkpoint.keep_last=3",
+        f"train.log_every={EVERY}",
+        "train.ledger=true",
+        "scale.max_failures=0",
+        "tracking.enabled=false",
+        *extra,
+    ]
+
+
+@dataclass
+class Finished:
+    plan: Plan
+    result: RunResult
+    seconds: float
+    weights: dict[str, torch.Tensor]
+    attempts: dict[int, list[ledger.Attempt]]  # rank -> its attempts
+
+    def committed(self) -> dict[int, dict[int, dict]]:
+        """rank -> step -> {"keys", "epochs"} of the steps that count (pipeline/ledger.py says which)."""
+        return {rank: ledger.committed(attempts) for rank, attempts in self.attempts.items()}
+
+
+def _train(overrides: list[str]) -> Finished:
+    cfg = load_config("tiny", overrides)
+    plan = preflight(cfg)
+    started = time.monotonic()
+    result = run(cfg, plan)
+    seconds = time.monotonic() - started
+    assert result.status == "finished" and result.step == STEPS, result
+    weights = load_exported_model(result.export_uri).state_dict()
+    return Finished(plan, result, seconds, weights, ledger.read(plan.run_dir))
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def baseline(digits80, ray_connected, tmp_path_factory: pytest.TempPathFactory) -> Finished:
+    """The same 12 steps with no fault: what every faulted run must end equal to."""
+    data, _ = digits80
+    root = tmp_path_factory.mktemp("baseline").as_uri()
+    done = _train(_overrides((data / "train.manifest.json").as_uri(), root, "baseline"))
+    print(f"baseline: {STEPS} steps in {done.seconds:.0f}s")
+    return done
+
+
+def _assert_nothing_lost_or_repeated(run: Finished, baseline: Finished, all_keys: list[str]) -> int:
+    """Every step committed exactly once on every rank, with exactly the samples the unfailed run trained on at that
+    step; all of epoch 0 consumed exactly once across ranks, nothing of a later epoch twice. Returns the samples."""
+    committed = run.committed()
+    assert sorted(committed) == [0, 1]
+    for rank, steps in committed.items():
+        assert sorted(steps) == list(range(1, STEPS + 1)), f"rank {rank} committed steps {sorted(steps)}"
+    assert committed == baseline.committed(), "a step trained on other samples than in the unfailed run"
+    seen = Counter(
+        (key, epoch)
+        for steps in committed.values()
+        for entry in steps.values()
+        for key, epoch in zip(entry["keys"], entry["epochs"], strict=True)
+    )
+    assert Counter(key for key, epoch in seen if epoch == 0) == Counter(all_keys), "epoch 0 not consumed exactly once"
+    repeated = [pair for pair, n in seen.items() if n > 1]
+    assert not repeated, f"samples consumed twice in one epoch: {repeated[:5]}"
+    return sum(seen.values())
+
+
+def _worker_log(cluster, needle: str) -> list[str]:
+    """Lines of the Ray workers' logs (this session's head) that contain ``needle``."""
+    lines = []
+    for path in sorted((cluster.temp_dir / "session_latest" / "logs").glob("worker-*")):
+        lines += [line for line in path.read_text(errors="replace").splitlines() if needle in line]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1 and 2. A worker process is SIGKILLed; checkpoints are interrupted
+#
+# Each start of the Ray Train workers costs ~20-70 s here, so one run takes all three faults, one per attempt
+# (pipeline/faults.py injects them; each fires once per run). The tests below each check one of them.
+
+FAULTS = "kill@after_step:6:1,raise@mid_upload:8:1,kill@before_marker:8:0"
+
+
+@pytest.fixture(scope="module")
+def faulted(digits80, baseline, ray_connected, tmp_path_factory: pytest.TempPathFactory) -> Finished:
+    """The baseline's 12 steps, with scale.max_failures=3 and three faults:
+    attempt 0: rank 1 is SIGKILLed right after step 6 (2 steps past the step-4 checkpoint), mid-training;
+    attempt 1 (resumed from step 4): rank 1's upload of the step-8 checkpoint raises after one whole file and half
+    of the next, which stays on storage truncated;
+    attempt 2 (resumed from step 4): rank 0 is SIGKILLed after every rank uploaded its step-8 files, just before
+    the completion marker;
+    attempt 3 (resumed from step 4): finishes."""
+    data, _ = digits80
+    root = tmp_path_factory.mktemp("faulted").as_uri()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(faults.ENV, FAULTS)
+        done = _train(_overrides((data / "train.manifest.json").as_uri(), root, "faulted", "scale.max_failures=3"))
+    print(f"3 faults survived with 3 restarts in {done.seconds:.0f}s (unfailed: {baseline.seconds:.0f}s)")
+    return done
+
+
+def _fault_record(run: Finished, name: str) -> dict:
+    return storage.read_json(storage.join(run.plan.run_dir, "_faults", name + ".json"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # includes the baseline and faulted runs when this test sets them up
+def test_a_worker_sigkilled_mid_training_is_restarted_from_the_last_checkpoint_at_the_next_step(faulted) -> None:
+    killed = _fault_record(faulted, "kill@after_step-step6-rank1")
+    assert not psutil.pid_exists(killed["pid"]), "the killed worker process is still alive"
+    for rank, attempts in faulted.attempts.items():
+        assert [a.resumed_from_step for a in attempts] == [0, EVERY, EVERY, EVERY], f"rank {rank}"
+        first, restart = attempts[:2]
+        # Rank 0 was waiting for rank 1 in step 7's all-reduce: neither committed anything past step 6.
+        assert max(first.steps) == 6, f"rank {rank}"
+        # The restart began at the checkpointed step + 1, and did steps 5 and 6 again on the same samples.
+        assert restart.checkpoint.endswith("/step_00000004") and min(restart.steps) == EVERY + 1
+        assert all(first.steps[s] == restart.steps[s] for s in (5, 6))
+        # Attempts 1 and 2 died saving step 8 (so its ledger line was never written): 5-7 done again each time.
+        assert ledger.redone(attempts) == [(0, 5), (0, 6), (1, 5), (1, 6), (1, 7), (2, 5), (2, 6), (2, 7)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_checkpoint_whose_save_was_killed_before_its_marker_is_skipped_and_the_one_before_is_resumed(
+    faulted, ray_connected
+) -> None:
+    killed = _fault_record(faulted, "kill@before_marker-step8-rank0")
+    assert not psutil.pid_exists(killed["pid"])
+    for attempts in faulted.attempts.values():
+        assert attempts[3].resumed_from_step == EVERY and attempts[3].checkpoint.endswith("/step_00000004")
+    # Rank 0 of each restart said what it skipped (the step-8 directories left by attempts 1 and 2) and where it
+    # resumed.
+    skipped = _worker_log(ray_connected, "skipping incomplete checkpoint")
+    assert len([line for line in skipped if "/faulted/checkpoints/step_00000008" in line]) == 2, skipped
+    resumed = _worker_log(ray_connected, "[faulted] resumed from")
+    assert len(resumed) == 3 and all("step_00000004 at step 4" in line for line in resumed), resumed
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_an_upload_that_raised_halfway_leaves_a_truncated_file_that_no_resume_reads(faulted) -> None:
+    left = _fault_record(faulted, "raise@mid_upload-step8-rank1")
+    (name, cut), *_ = left["truncated"].items()
+    assert cut["bytes"] < cut["of"] and left["whole"], left
+    # The attempt after the failed upload resumed from step 4, not from the step-8 directory holding the cut file;
+    # that directory was written whole later by the last attempt, whose marker lists the file at its full size.
+    assert all(attempts[2].resumed_from_step == EVERY for attempts in faulted.attempts.values())
+    step8 = storage.join(faulted.plan.checkpoint_dir, "step_00000008")
+    assert name in storage.read_marker(step8)["files"]
+    assert storage.size(storage.join(step8, name)) == cut["of"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_after_a_worker_death_and_two_interrupted_checkpoints_the_run_ends_exactly_as_an_unfailed_run(
+    faulted, baseline, digits80
+) -> None:
+    samples = _assert_nothing_lost_or_repeated(faulted, baseline, digits80[1])
+    diff = _max_diff(faulted.weights, baseline.weights)
+    assert diff <= 1e-6, f"final weights differ from the unfailed run's by {diff}"
+    print(f"3 faults: {samples} samples committed, 0 lost, 0 repeated; max |w - w_unfailed| = {diff:.1e}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_run_launched_to_resume_that_finds_no_checkpoint_fails_instead_of_starting_over(
+    digits80, baseline, ray_connected, tmp_path
+) -> None:
+    data, _ = digits80
+    cfg = load_config("tiny", _overrides((data / "train.manifest.json").as_uri(), tmp_path.as_uri(), "vanished"))
+    checkpoints = tmp_path / "vanished" / "checkpoints"
+    source = Path(storage.local_path(baseline.plan.checkpoint_dir)) / "step_00000004"
+    shutil.copytree(source, checkpoints / "step_00000004")
+    plan = preflight(cfg)
+    assert plan.resume_step == EVERY  # the driver saw the checkpoint ...
+    shutil.rmtree(checkpoints)  # ... which is gone when the workers look (deleted, or storage they do not reach)
+    started = time.monotonic()
+    with pytest.raises(Exception) as failure:
+        run(cfg, plan)
+    message = str(failure.value)
+    assert "launched to resume from the checkpoint of step 4" in message and "refusing to start over" in message
+    assert not (tmp_path / "vanished" / "checkpoints").exists() and not (tmp_path / "vanished" / "export").exists()
+    print(f"a resume with its checkpoint gone failed in {time.monotonic() - started:.0f}s")
+
+
+@pytest.mark.timeout(120)
+def test_an_unreadable_checkpoint_marker_is_refused_before_ray_naming_the_run(digits80, tmp_path) -> None:
+    data, _ = digits80
+    cfg = load_config("tiny", _overrides((data / "train.manifest.json").as_uri(), tmp_path.as_uri(), "garbled"))
+    step = tmp_path / "garbled" / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (step / storage.COMPLETE_MARKER).write_bytes(b'{"step": 4, "files": [')  # cut short
+    with pytest.raises(ConfigError) as refused:
+        preflight(cfg)
+    assert "run.name=garbled" in str(refused.value) and "unreadable" in str(refused.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. GCS outages during training (shards, checkpoints and ledger all on gs:// through the faulty proxy)
+
+SHORT_OUTAGE_S = 10.0
+
+
+@dataclass
+class OutageRuns:
+    short_503s: int  # requests the proxy answered 503 during the short outage
+    stall_s: float  # how long the short outage held training up
+    failed_after_s: float  # from the start of the long outage to the run's failure
+    error: str
+    last_complete: int  # the newest complete checkpoint when the run failed
+    resumed: Finished  # the resubmitted run
+
+
+def _wait_for(fs, path: str, until, trainer: threading.Thread, timeout: float) -> None:
+    """Poll the emulator directly (not through the proxy) until ``until(fs, path)``; fail if training ended first."""
+    deadline = time.monotonic() + timeout
+    while not until(fs, path):
+        assert trainer.is_alive(), f"training ended before {path} was reached"
+        assert time.monotonic() < deadline, f"{path} not reached within {timeout}s"
+        time.sleep(0.1)
+
+
+def _has_step(step: int):
+    def until(fs, path: str) -> bool:
+        try:
+            lines = fs.cat_file(path).decode().splitlines()
+        except FileNotFoundError:
+            return False
+        return any(json.loads(line).get("step", 0) >= step for line in lines)
+
+    return until
+
+
+@pytest.fixture(scope="module")
+def gcs_outages(digits80, baseline, gcs_emulator, ray_connected) -> OutageRuns:
+    """One run on gs:// (no Ray restarts allowed, so an outage is ridden out by retries or not at all):
+    a 10 s outage (HTTP 503) once rank 0 has trained a step; then, once the step-4 checkpoint is complete, an outage
+    that never ends (connections reset), which must fail the run in bounded time. The proxy is then healed and the
+    same run is submitted again: it must resume from the last complete checkpoint and finish."""
+    import gcsfs
+
+    from tests.fixtures.faulty_proxy import FaultyProxy
+    from tests.fixtures.gcs import make_bucket
+
+    data, _ = digits80
+    bucket = make_bucket()
+    for file in sorted(data.iterdir()):
+        storage.put_file(file, f"{bucket}/digits80/{file.name}")
+    direct = gcsfs.GCSFileSystem(endpoint_url=gcs_emulator.endpoint, token="anon", skip_instance_cache=True)
+    run_dir = f"{bucket[len('gs://') :]}/runs/outage"
+    overrides = _overrides(f"{bucket}/digits80/train.manifest.json", f"{bucket}/runs", "outage")
+    with FaultyProxy(gcs_emulator.endpoint) as proxy, pytest.MonkeyPatch.context() as patch:
+        # The driver and (forwarded by pipeline.train.run) the Ray workers reach GCS only through the proxy.
+        patch.setenv(storage.EMULATOR_ENV, proxy.url)
+        gcsfs.GCSFileSystem.clear_instance_cache()
+        cfg = load_config("tiny", overrides)
+        plan = preflight(cfg)
+        outcome: dict = {}
+
+        def train() -> None:
+            try:
+                outcome["result"] = run(cfg, plan)
+            except Exception as exc:  # the expected end of this run
+                outcome["error"] = exc
+            outcome["ended"] = time.monotonic()
+
+        trainer = threading.Thread(target=train, daemon=True)
+        trainer.start()
+        rank0 = f"{run_dir}/ledger/rank-00000/attempt-000.jsonl"
+        _wait_for(direct, rank0, _has_step(1), trainer, timeout=600)
+        outage_started = time.monotonic()
+        proxy.outage("503", seconds=SHORT_OUTAGE_S)
+        _wait_for(direct, rank0, _has_step(2), trainer, timeout=120)
+        stall = time.monotonic() - outage_started
+        short_503s = proxy.counts["503"]
+        _wait_for(direct, f"{run_dir}/checkpoints/step_00000004/_COMPLETE.json", lambda f, p: f.exists(p), trainer, 120)
+        proxy.set_mode("reset")  # for good
+        long_started = time.monotonic()
+        trainer.join(timeout=300)
+        assert not trainer.is_alive(), "the run did not fail within 300 s of an outage that never ends"
+        assert "error" in outcome, f"the run finished through an endless outage: {outcome}"
+        direct.invalidate_cache()
+        last_complete = max(
+            int(p.rstrip("/").rsplit("_", 1)[-1])
+            for p in direct.ls(f"{run_dir}/checkpoints")
+            if direct.exists(f"{p.rstrip('/')}/_COMPLETE.json")
+        )
+        proxy.set_mode("pass")
+        resumed = _train(overrides)
+    return OutageRuns(
+        short_503s=short_503s,
+        stall_s=stall,
+        failed_after_s=outcome["ended"] - long_started,
+        error=str(outcome["error"]),
+        last_complete=last_complete,
+        resumed=resumed,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_10s_gcs_outage_mid_training_is_ridden_out_without_losing_or_repeating_a_sample(
+    gcs_outages, baseline, digits80
+) -> None:
+    assert gcs_outages.short_503s >= 1, "the outage never met a request"
+    assert gcs_outages.stall_s >= SHORT_OUTAGE_S * 0.5, "training did not wait for storage"
+    # No restart happened during it (none was allowed): the first attempt trained on past the outage, to the
+    # checkpoint of step 4 at least.
+    for rank, attempts in gcs_outages.resumed.attempts.items():
+        assert attempts[0].resumed_from_step == 0 and max(attempts[0].steps) >= EVERY, f"rank {rank}"
+    samples = _assert_nothing_lost_or_repeated(gcs_outages.resumed, baseline, digits80[1])
+    print(
+        f"10 s of 503s ({gcs_outages.short_503s} requests refused) held training up {gcs_outages.stall_s:.0f}s; "
+        f"{samples} samples committed over the whole run, 0 lost, 0 repeated"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_an_outage_longer_than_the_retry_budget_fails_the_run_in_bounded_time(gcs_outages) -> None:
+    # The storage client gives up after ~30-36 s (6 attempts with backoff); Ray then tears the workers down.
+    assert gcs_outages.failed_after_s < 120, f"the run took {gcs_outages.failed_after_s:.0f}s to fail"
+    assert "gs://" in gcs_outages.error or "127.0.0.1" in gcs_outages.error, gcs_outages.error[-2000:]
+    print(f"an endless outage failed the run after {gcs_outages.failed_after_s:.0f}s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_after_the_outage_a_resubmitted_run_resumes_from_the_last_checkpoint_and_ends_as_if_nothing_happened(
+    gcs_outages, baseline
+) -> None:
+    for rank, attempts in gcs_outages.resumed.attempts.items():
+        assert len(attempts) == 2, f"rank {rank}: {attempts}"
+        assert attempts[1].resumed_from_step == gcs_outages.last_complete >= EVERY
+        assert min(attempts[1].steps) == gcs_outages.last_complete + 1
+    diff = _max_diff(gcs_outages.resumed.weights, baseline.weights)
+    assert diff <= 1e-6, diff
+    print(f"resumed from step {gcs_outages.last_complete} after the outage; max |w - w_unfailed| = {diff:.1e}")
