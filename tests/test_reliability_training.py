@@ -2,7 +2,14 @@
 
 Everything is real and on loopback: the session's Ray head (tests/fixtures/ray_cluster.py), 2 Ray Train workers
 running DeepSpeed ZeRO-2 over gloo, checkpoints on ``file://`` or on the GCS emulator through the faulty proxy
-(tests/fixtures/faulty_proxy.py), and the real digits as WebDataset shards.
+(tests/fixtures/faulty_proxy.py), and real digits as WebDataset shards. Faults are real too: a SIGKILL of a
+worker's own process or an exception at a named point (pipeline/faults.py), HTTP 503s and reset connections.
+
+Proof of "nothing lost, nothing repeated" comes from the step ledger (pipeline/ledger.py, ``train.ledger=true``):
+per rank and attempt, the sample keys of every step. Each faulted run must commit, step by step and rank by rank,
+exactly what an unfailed run of the same config commits, and end with the same weights. Four Ray Train runs in
+all (unfailed, three faults in one run, two on gs://) plus one that must fail: about 7 minutes on 2 busy cores.
+docs/reliability.md lists what each test proves, with the figures measured.
 """
 
 from __future__ import annotations
