@@ -254,7 +254,12 @@ def test_a_run_whose_worker_is_killed_is_marked_failed_and_the_others_finish(
     victim = None
     deadline = time.monotonic() + 300
     while victim is None and time.monotonic() < deadline and thread.is_alive():
-        running = list_tasks(filters=[("state", "=", "RUNNING")], detail=True, raise_on_missing_output=False)
+        running = list_tasks(
+            address=ray_connected.dashboard_url,  # other Ray instances may run on this machine
+            filters=[("state", "=", "RUNNING")],
+            detail=True,
+            raise_on_missing_output=False,
+        )
         victim = next((t for t in running if t.name.startswith("lfw ") and t.worker_pid), None)
         time.sleep(0.5)
     assert victim is not None, "the lfw run never started"
