@@ -92,8 +92,8 @@ BAD_CONFIGS = [
     _case("negative-lr", ["optim.lr=-0.001"], r"optim\.lr: Input should be greater than 0"),
     _case("beta-over-1", ["optim.betas=[0.9,1.5]"], r"optim\.betas: both Adam betas"),
     _case("dropout-over-1", ["model.dropout=1.5"], r"model\.dropout: "),
-    _case("warmup-over-steps", ["optim.warmup_steps=500"], r"optim\.warmup_steps=500 must be smaller than"),
-    _case("stop-past-end", ["train.stop_at_step=1000"], r"train\.stop_at_step=1000 is past train\.steps=120"),
+    _case("warmup-over-steps", ["optim.warmup_steps=5000"], r"optim\.warmup_steps=5000 must be smaller than"),
+    _case("stop-past-end", ["train.stop_at_step=1000"], r"train\.stop_at_step=1000 is past train\.steps=600"),
     _case("no-run-length", ["train.steps=null"], r"give exactly one of train\.steps and train\.epochs"),
     _case("bad-run-name", ["run.name=bad name!"], r"run\.name: 'bad name!' is not a usable run name"),
 ]
@@ -110,9 +110,9 @@ def test_bad_config_is_rejected_by_load_config_naming_the_field(preset, sets, na
 def test_every_independent_problem_is_reported_at_once():
     # One round trip to fix a config, not one per mistake: both cross-field problems are listed.
     with pytest.raises(ConfigError) as raised:
-        load_config("tiny", ["train.global_batch=64", "train.micro_batch=48", "optim.warmup_steps=500"])
+        load_config("tiny", ["train.global_batch=64", "train.micro_batch=48", "optim.warmup_steps=5000"])
     text = str(raised.value)
-    assert "train.global_batch=64 is not divisible" in text and "optim.warmup_steps=500 must be smaller" in text
+    assert "train.global_batch=64 is not divisible" in text and "optim.warmup_steps=5000 must be smaller" in text
 
 
 def test_an_unknown_transfer_benchmark_is_refused_listing_the_known_ones():
@@ -265,9 +265,9 @@ def _job_cases(data_dirs: dict[str, str]) -> list[tuple[str, list[str], dict[str
         ("jobs/pretrain.py", ["--set", "train.zero_stage=4"], {}, ["train.zero_stage=4"], 60),
         (
             "jobs/pretrain.py",
-            ["--set", "train.global_batch=64", "--set", "train.micro_batch=48", "--set", "optim.warmup_steps=500"],
+            ["--set", "train.global_batch=64", "--set", "train.micro_batch=48", "--set", "optim.warmup_steps=5000"],
             {},
-            ["train.global_batch=64", "train.micro_batch=48", "optim.warmup_steps=500"],
+            ["train.global_batch=64", "train.micro_batch=48", "optim.warmup_steps=5000"],
             60,
         ),
         ("jobs/pretrain.py", ["--config", "no_such_preset"], {}, ["--config no_such_preset: no such preset"], 60),
