@@ -90,9 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             "without it to continue"
         )
     else:
+        losses = ""
+        if metrics.get("loss_start") is not None:
+            losses = (
+                f"; loss {metrics['loss_start']:.4f} -> {metrics['loss_end']:.4f} (means of the first/last 10 steps)"
+            )
         print(
-            f"pretrain: finished {result.step} steps; loss {metrics.get('first_loss'):.4f} -> "
-            f"{metrics.get('last_loss'):.4f}; {metrics.get('images_per_s', 0):,.0f} img/s; export: {result.export_uri}"
+            f"pretrain: finished {result.step} steps{losses}; {metrics.get('images_per_s', 0):,.0f} img/s; "
+            f"{metrics.get('wall_s', 0):.0f} s training; export: {result.export_uri}"
             + (f"; MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else "")
         )
     return 0

@@ -38,6 +38,25 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from pipeline.config import Plan, PretrainConfig
 from pipeline.schedules import WarmupLinearDecay
 
+
+def _use_plain_gloo_on_cpu() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory CPU allreduce (``deepspeed_shm_comm``).
+
+    Every process that initialises DeepSpeed's CPU backend loads that op, and g++-builds it whenever the cached
+    build's flags differ from its own. On a machine shared by several DeepSpeed users the cache was rebuilt in
+    turn (seen: 60-330 s per Ray worker start, even in a per-environment cache), and Ray workers were seen to die
+    or hang at start while it was being rebuilt. The op only speeds up
+    allreduce between processes of one CPU host; gloo does the same job, so DeepSpeed is told the op is
+    unavailable, as it concludes itself on platforms that cannot build it.
+    """
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
+if not torch.cuda.is_available():
+    _use_plain_gloo_on_cpu()
+
 # The non-tensor objects DeepSpeed 0.19 pickles into its checkpoints (found by loading ZeRO-1/2/3 checkpoints
 # with weights_only=True). Anything else in a checkpoint file makes the load fail loudly.
 DEEPSPEED_CHECKPOINT_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]

@@ -18,6 +18,7 @@ the resubmission case Ray knows nothing about.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -202,6 +203,33 @@ def connect_ray(address: str | None = None) -> None:
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
 
 
+def _warn_if_cluster_too_small(cfg: PretrainConfig) -> None:
+    """Ray waits (silently) for resources it does not have; say so up front. An autoscaling cluster may still grow,
+    so this warns rather than fails."""
+    import ray
+
+    have = ray.cluster_resources()
+    need_cpu = cfg.scale.workers * cfg.scale.cpus_per_worker
+    need_gpu = cfg.scale.workers * cfg.scale.gpus_per_worker
+    if have.get("CPU", 0) < need_cpu or have.get("GPU", 0) < need_gpu:
+        log.warning(
+            "the Ray cluster has %s CPU / %s GPU now; scale.workers=%d needs %s CPU / %s GPU: training starts only "
+            "when the cluster grows (or lower scale.workers / scale.cpus_per_worker)",
+            have.get("CPU", 0),
+            have.get("GPU", 0),
+            cfg.scale.workers,
+            need_cpu,
+            need_gpu,
+        )
+    elif cfg.data.engine == "ray" and have.get("CPU", 0) - need_cpu < 1:
+        log.warning(
+            "data.engine=ray runs its read/decode tasks on CPUs outside the training workers, but the workers take "
+            "%s of the cluster's %s CPUs: lower scale.cpus_per_worker (e.g. 0.5) or data stalls",
+            need_cpu,
+            have.get("CPU", 0),
+        )
+
+
 # Environment the Ray Train workers need from the driver: the storage endpoint (the GCS emulator in tests and
 # local demos) and the tests' fault-injection switches.
 FORWARDED_ENV = (storage.EMULATOR_ENV, faults.ENV)
@@ -234,6 +262,7 @@ def run(cfg: PretrainConfig, plan: Plan) -> RunResult:
         tags = {"vitpipe.preset": cfg.preset, "vitpipe.run_dir": plan.run_dir, "vitpipe.variant": cfg.model.variant}
         run_id = tracking.open_run(cfg.tracking.uri, cfg.tracking.experiment, plan.run_name, params, tags)
 
+    _warn_if_cluster_too_small(cfg)
     use_gpu = cfg.on_gpu
     resources = {"CPU": cfg.scale.cpus_per_worker}
     if use_gpu:
@@ -326,6 +355,7 @@ def train_worker(payload: dict[str, Any]) -> None:
     from pipeline.engine import build_engine
     from pipeline.export import save_exported_model
 
+    worker_start = time.perf_counter()
     cfg = PretrainConfig.model_validate(payload["config"])
     plan = Plan(**payload["plan"])
     context = ray.train.get_context()
@@ -412,6 +442,9 @@ def train_worker(payload: dict[str, Any]) -> None:
 
     last_good = ref.url if ref is not None else None
     first_loss = last_loss = None
+    # Single-step losses are noisy; the start and end of a run are compared as means over 10 steps.
+    head_losses: list[float] = []
+    tail_losses: collections.deque[float] = collections.deque(maxlen=10)
     window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
     run_start, run_start_step = time.perf_counter(), step
     engine.train()
@@ -458,6 +491,9 @@ def train_worker(payload: dict[str, Any]) -> None:
         last_loss = step_loss
         if first_loss is None:
             first_loss = step_loss
+        if len(head_losses) < 10:
+            head_losses.append(step_loss)
+        tail_losses.append(step_loss)
 
         if step % cfg.train.log_every == 0 or step == plan.stop_step:
             stats = loader.stats()
@@ -527,13 +563,17 @@ def train_worker(payload: dict[str, Any]) -> None:
     report = logger.close(cfg.tracking.flush_timeout_s) if logger else None
     result = {
         "step": step,
+        "steps_this_attempt": step - run_start_step,
         "exported": exported,
         "export_uri": export_uri,
         "first_loss": first_loss,
         "last_loss": last_loss,
+        "loss_start": sum(head_losses) / len(head_losses) if head_losses else None,
+        "loss_end": sum(tail_losses) / len(tail_losses) if tail_losses else None,
         "digest": digest,
         "images_per_s": (step - run_start_step) * plan.global_batch / max(1e-9, time.perf_counter() - run_start),
         "wall_s": time.perf_counter() - run_start,
+        "setup_s": run_start - worker_start,
         "mlflow_undelivered": report.undelivered if report else 0,
     }
     if rank == 0 and report and report.undelivered:

@@ -51,10 +51,10 @@ def _small(digits: str, root: Path, name: str, *extra: str, tracking: str | None
         "train.micro_batch=8",
         "train.steps=8",
         "optim.warmup_steps=2",
-        "optim.lr=2e-3",
+        "optim.lr=1e-3",
         "model.dropout=0.1",
         "checkpoint.every_steps=4",
-        "checkpoint.keep_last=3",
+        "checkpoint.keep_last=5",
         "train.log_every=2",
         "scale.max_failures=0",
         f"tracking.uri={tracking}" if tracking else "tracking.enabled=false",
@@ -89,46 +89,53 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def test_resume_is_exact(
     zero_stage: int, digits: str, tmp_path: Path, ray_connected, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """8 straight steps == 4 steps + resume + 4 steps: same weights, same data order, same final loss."""
+    """32 straight steps == 16 steps + resume + 16 steps: same weights, same data order, same final loss.
+
+    ZeRO-2 resumes the way a user does (stop at step 16, start the run again). ZeRO-3 resumes from the straight
+    run's step-16 checkpoint with its step-24 checkpoint present but unmarked (an interrupted save), which must
+    be skipped. (Resuming after a killed worker: tests/test_reliability_training.py.)
+    A ViT this small needs ~20 steps before its loss moves: hence 32 steps, to see it decrease.
+    """
     stage = f"train.zero_stage={zero_stage}"
-    _, plan_a, straight = _train(_small(digits, tmp_path, "straight", stage))
-    assert straight.status == "finished" and straight.step == 8
-    assert straight.metrics["last_loss"] < straight.metrics["first_loss"]
-    a_ckpts = [step for step, _ in ckpt.list_step_dirs(plan_a.checkpoint_dir)]
-    assert a_ckpts == [4, 8]
+    steps = 32
+    length = [f"train.steps={steps}", "checkpoint.every_steps=8"]
+    _, plan_a, straight = _train(_small(digits, tmp_path, "straight", stage, *length))
+    assert straight.status == "finished" and straight.step == steps
+    assert straight.metrics["loss_end"] < straight.metrics["loss_start"] - 0.02, straight.metrics
+    assert [step for step, _ in ckpt.list_step_dirs(plan_a.checkpoint_dir)] == [8, 16, 24, 32]
 
     if zero_stage == 2:
-        # The user's path: stop after 4 steps, start the same run again.
-        _, _, first = _train(_small(digits, tmp_path, "resumed", stage, "train.stop_at_step=4"))
-        assert first.status == "stopped" and first.step == 4 and first.export_uri is None
-        _, plan_b, resumed = _train(_small(digits, tmp_path, "resumed", stage))
+        _, _, first = _train(_small(digits, tmp_path, "resumed", stage, *length, "train.stop_at_step=16"))
+        assert first.status == "stopped" and first.step == 16 and first.export_uri is None
+        _, plan_b, resumed = _train(_small(digits, tmp_path, "resumed", stage, *length))
+        assert resumed.metrics["steps_this_attempt"] == 16
     else:
-        # Resume from the straight run's step-4 checkpoint; its step-8 checkpoint is present but without marker
-        # (as if the save had been interrupted) and must be skipped, not loaded.
-        cfg_b = load_config("tiny", _small(digits, tmp_path, "resumed", stage))
-        plan_b = preflight(cfg_b)
+        cfg_b = load_config("tiny", _small(digits, tmp_path, "resumed", stage, *length))
         src = Path(storage.local_path(plan_a.checkpoint_dir))
-        dst = Path(storage.local_path(plan_b.checkpoint_dir))
-        shutil.copytree(src / "step_00000004", dst / "step_00000004")
-        shutil.copytree(src / "step_00000008", dst / "step_00000008")
-        (dst / "step_00000008" / storage.COMPLETE_MARKER).unlink()
+        dst = Path(storage.local_path(cfg_b.run.root)) / "resumed" / "checkpoints"
+        shutil.copytree(src / "step_00000016", dst / "step_00000016")
+        shutil.copytree(src / "step_00000024", dst / "step_00000024")
+        (dst / "step_00000024" / storage.COMPLETE_MARKER).unlink()
+        plan_b = preflight(cfg_b)
         with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
-            assert ckpt.latest_complete(plan_b.checkpoint_dir).step == 4
-        assert "skipping incomplete checkpoint" in caplog.text and "step_00000008" in caplog.text
+            assert ckpt.latest_complete(plan_b.checkpoint_dir).step == 16
+        assert "skipping incomplete checkpoint" in caplog.text and "step_00000024" in caplog.text
         resumed = run(cfg_b, plan_b)
-    assert resumed.status == "finished" and resumed.step == 8
+        assert resumed.metrics["steps_this_attempt"] == 16
+    assert resumed.status == "finished" and resumed.step == steps
 
     diff = _max_diff(_weights(straight.export_uri), _weights(resumed.export_uri))
     print(f"ZeRO-{zero_stage}: max |straight - resumed| = {diff:.3g}")
     assert diff <= 1e-6
     assert resumed.metrics["last_loss"] == pytest.approx(straight.metrics["last_loss"], abs=1e-6)
     # The same samples in the same order on every rank, and the loaders at the same position.
-    a_states = _rank_states(storage.join(plan_a.checkpoint_dir, "step_00000008"), 2)
-    b_states = _rank_states(storage.join(plan_b.checkpoint_dir, "step_00000008"), 2)
+    last = ckpt.step_dir_name(steps)
+    a_states = _rank_states(storage.join(plan_a.checkpoint_dir, last), 2)
+    b_states = _rank_states(storage.join(plan_b.checkpoint_dir, last), 2)
     for a, b in zip(a_states, b_states, strict=True):
         assert a["digest"] == b["digest"]
         assert a["loader"]["positions"] == b["loader"]["positions"]
-    assert export_metadata(resumed.export_uri)["step"] == 8
+    assert export_metadata(resumed.export_uri)["step"] == steps
 
     if zero_stage == 2:
         _a_complete_checkpoint_that_does_not_load_is_an_error(plan_a.checkpoint_dir, digits, tmp_path)
@@ -137,20 +144,20 @@ def test_resume_is_exact(
 def _a_complete_checkpoint_that_does_not_load_is_an_error(source_dir: str, digits: str, tmp_path: Path) -> None:
     """A marker vouches for a checkpoint whose rank-1 optimizer partition is truncated: the run must fail on
     it, not start from scratch (nor fall back to an older checkpoint)."""
-    cfg = load_config("tiny", _small(digits, tmp_path, "broken", "train.zero_stage=2"))
+    cfg = load_config("tiny", _small(digits, tmp_path, "broken", "train.zero_stage=2", "train.steps=32"))
+    step_dir = Path(storage.local_path(cfg.run.root)) / "broken" / "checkpoints" / "step_00000008"
+    shutil.copytree(Path(storage.local_path(source_dir)) / "step_00000008", step_dir)
     plan = preflight(cfg)
-    step_dir = Path(storage.local_path(plan.checkpoint_dir)) / "step_00000004"
-    shutil.copytree(Path(storage.local_path(source_dir)) / "step_00000004", step_dir)
     partition = next(step_dir.glob("zero_pp_rank_1_*optim_states.pt"))
     partition.write_bytes(partition.read_bytes()[:100])
     with pytest.raises(Exception) as excinfo:
         run(cfg, plan)
-    assert "rank 1 cannot load checkpoint" in str(excinfo.value) and "step_00000004" in str(excinfo.value)
-    assert [step for step, _ in ckpt.list_step_dirs(plan.checkpoint_dir)] == [4]  # nothing new was written
+    assert "rank 1 cannot load checkpoint" in str(excinfo.value) and "step_00000008" in str(excinfo.value)
+    assert [step for step, _ in ckpt.list_step_dirs(plan.checkpoint_dir)] == [8]  # nothing new was written
 
 
 def test_divergence_stops_with_the_step_and_last_good_checkpoint(digits: str, tmp_path: Path, ray_connected) -> None:
-    overrides = _small(digits, tmp_path, "diverge", "optim.lr=1e30", "checkpoint.every_steps=1", "scale.max_failures=1")
+    overrides = _small(digits, tmp_path, "diverge", "optim.lr=1e30", "checkpoint.every_steps=1")
     cfg = load_config("tiny", overrides)
     plan = preflight(cfg)
     with pytest.raises(LossNotFiniteError) as excinfo:
