@@ -52,6 +52,31 @@ def home_dir() -> Path:
     return Path(os.environ.get(HOME_ENV) or REPO_ROOT).expanduser().resolve()
 
 
+def in_ray_job_copy() -> bool:
+    """True when this code runs from the temporary copy `ray job submit --working-dir` makes (Ray deletes it)."""
+    return any(part.startswith("_ray_pkg_") for part in REPO_ROOT.parts)
+
+
+def check_durable_defaults(cfg: PretrainConfig) -> list[str]:
+    """Defaults that would put runs/ inside Ray's temporary copy of the code, where nothing survives the job."""
+    if os.environ.get(HOME_ENV) or not in_ray_job_copy():
+        return []
+    from pipeline.presets import demo_data_url
+
+    fix = (
+        f'submit with --runtime-env-json \'{{"env_vars": {{"{HOME_ENV}": "\'$PWD\'"}}}}\' (runs/ under the '
+        "submitting directory), or set the field with --set"
+    )
+    problems = []
+    if cfg.run.root == default_runs_root():
+        problems.append(f"run.root: the default is inside Ray's temporary copy of the code ({cfg.run.root}): {fix}")
+    if cfg.tracking.enabled and cfg.tracking.uri == default_tracking_uri():
+        problems.append(f"tracking.uri: the default SQLite store is inside Ray's temporary copy of the code: {fix}")
+    if cfg.data.train == demo_data_url():
+        problems.append(f"data.train: the demo data default is inside Ray's temporary copy of the code: {fix}")
+    return problems
+
+
 def default_runs_root() -> str:
     return "file://" + str(home_dir() / "runs")
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from pipeline import checkpoint as ckpt
 from pipeline import faults, ledger, storage, tracking
-from pipeline.config import REPO_ROOT, ConfigError, Plan, PretrainConfig, make_plan
+from pipeline.config import REPO_ROOT, ConfigError, Plan, PretrainConfig, check_durable_defaults, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,9 @@ def preflight(cfg: PretrainConfig) -> Plan:
     """Everything that can be checked without a cluster: data, derived numbers, resumability. Raises ConfigError."""
     from pipeline.data import DataError, check_data
 
+    problems = check_durable_defaults(cfg)
+    if problems:
+        raise ConfigError(problems)
     try:
         info = check_data(cfg.data, world_size=cfg.scale.workers)
     except DataError as exc:

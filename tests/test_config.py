@@ -315,3 +315,23 @@ def test_cli_prints_the_resolved_config() -> None:
     assert result.returncode == 0, result.stderr
     cfg = json.loads(result.stdout)
     assert cfg["model"]["variant"] == "H/14" and cfg["preset"] == "vit_h14_jft"
+
+
+def test_defaults_inside_a_ray_job_copy_are_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`ray job submit --working-dir .` runs a temporary copy of the code: default runs/ there would be lost."""
+    from pipeline import config
+
+    monkeypatch.delenv(config.HOME_ENV, raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(config, "REPO_ROOT", tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0a1b")
+    problems = config.check_durable_defaults(load_config("tiny"))
+    assert [p.split(":")[0] for p in problems] == ["run.root", "tracking.uri", "data.train"]
+    assert "VITPIPE_HOME" in problems[0] and "--runtime-env-json" in problems[0]
+    explicit = [
+        f"run.root={tmp_path.as_uri()}",
+        f"tracking.uri=sqlite:///{tmp_path}/m.db",
+        f"data.train={tmp_path.as_uri()}/train.manifest.json",
+    ]
+    assert config.check_durable_defaults(load_config("tiny", explicit)) == []
+    monkeypatch.setenv(config.HOME_ENV, str(tmp_path))
+    assert config.check_durable_defaults(load_config("tiny")) == []

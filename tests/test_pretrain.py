@@ -89,40 +89,39 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def test_resume_is_exact(
     zero_stage: int, digits: str, tmp_path: Path, ray_connected, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """32 straight steps == 16 steps + resume + 16 steps: same weights, same data order, same final loss.
+    """40 straight steps == 20 steps + resume + 20 steps: same weights, same data order, same final loss.
 
-    ZeRO-2 resumes the way a user does (stop at step 16, start the run again). ZeRO-3 resumes from the straight
-    run's step-16 checkpoint with its step-24 checkpoint present but unmarked (an interrupted save), which must
+    ZeRO-2 resumes the way a user does (stop at step 20, start the run again). ZeRO-3 resumes from the straight
+    run's step-20 checkpoint with its step-30 checkpoint present but unmarked (an interrupted save), which must
     be skipped. (Resuming after a killed worker: tests/test_reliability_training.py.)
-    A ViT this small needs ~20 steps before its loss moves: hence 32 steps, to see it decrease.
+    A ViT this small needs ~20 steps of 64 images before its loss moves: hence 40 steps, to see it decrease.
     """
     stage = f"train.zero_stage={zero_stage}"
-    steps = 32
-    length = [f"train.steps={steps}", "checkpoint.every_steps=8"]
+    steps = 40
+    length = [f"train.steps={steps}", "train.global_batch=64", "train.micro_batch=16", "checkpoint.every_steps=10"]
     _, plan_a, straight = _train(_small(digits, tmp_path, "straight", stage, *length))
     assert straight.status == "finished" and straight.step == steps
     assert straight.metrics["loss_end"] < straight.metrics["loss_start"] - 0.02, straight.metrics
-    assert [step for step, _ in ckpt.list_step_dirs(plan_a.checkpoint_dir)] == [8, 16, 24, 32]
+    assert [step for step, _ in ckpt.list_step_dirs(plan_a.checkpoint_dir)] == [10, 20, 30, 40]
 
     if zero_stage == 2:
-        _, _, first = _train(_small(digits, tmp_path, "resumed", stage, *length, "train.stop_at_step=16"))
-        assert first.status == "stopped" and first.step == 16 and first.export_uri is None
+        _, _, first = _train(_small(digits, tmp_path, "resumed", stage, *length, "train.stop_at_step=20"))
+        assert first.status == "stopped" and first.step == 20 and first.export_uri is None
         _, plan_b, resumed = _train(_small(digits, tmp_path, "resumed", stage, *length))
-        assert resumed.metrics["steps_this_attempt"] == 16
     else:
         cfg_b = load_config("tiny", _small(digits, tmp_path, "resumed", stage, *length))
         src = Path(storage.local_path(plan_a.checkpoint_dir))
         dst = Path(storage.local_path(cfg_b.run.root)) / "resumed" / "checkpoints"
-        shutil.copytree(src / "step_00000016", dst / "step_00000016")
-        shutil.copytree(src / "step_00000024", dst / "step_00000024")
-        (dst / "step_00000024" / storage.COMPLETE_MARKER).unlink()
+        shutil.copytree(src / "step_00000020", dst / "step_00000020")
+        shutil.copytree(src / "step_00000030", dst / "step_00000030")
+        (dst / "step_00000030" / storage.COMPLETE_MARKER).unlink()
         plan_b = preflight(cfg_b)
         with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
-            assert ckpt.latest_complete(plan_b.checkpoint_dir).step == 16
-        assert "skipping incomplete checkpoint" in caplog.text and "step_00000024" in caplog.text
+            assert ckpt.latest_complete(plan_b.checkpoint_dir).step == 20
+        assert "skipping incomplete checkpoint" in caplog.text and "step_00000030" in caplog.text
         resumed = run(cfg_b, plan_b)
-        assert resumed.metrics["steps_this_attempt"] == 16
     assert resumed.status == "finished" and resumed.step == steps
+    assert resumed.metrics["steps_this_attempt"] == 20
 
     diff = _max_diff(_weights(straight.export_uri), _weights(resumed.export_uri))
     print(f"ZeRO-{zero_stage}: max |straight - resumed| = {diff:.3g}")
@@ -144,16 +143,19 @@ def test_resume_is_exact(
 def _a_complete_checkpoint_that_does_not_load_is_an_error(source_dir: str, digits: str, tmp_path: Path) -> None:
     """A marker vouches for a checkpoint whose rank-1 optimizer partition is truncated: the run must fail on
     it, not start from scratch (nor fall back to an older checkpoint)."""
-    cfg = load_config("tiny", _small(digits, tmp_path, "broken", "train.zero_stage=2", "train.steps=32"))
-    step_dir = Path(storage.local_path(cfg.run.root)) / "broken" / "checkpoints" / "step_00000008"
-    shutil.copytree(Path(storage.local_path(source_dir)) / "step_00000008", step_dir)
+    cfg = load_config(
+        "tiny",
+        _small(digits, tmp_path, "broken", "train.steps=40", "train.global_batch=64", "train.micro_batch=16"),
+    )
+    step_dir = Path(storage.local_path(cfg.run.root)) / "broken" / "checkpoints" / "step_00000010"
+    shutil.copytree(Path(storage.local_path(source_dir)) / "step_00000010", step_dir)
     plan = preflight(cfg)
     partition = next(step_dir.glob("zero_pp_rank_1_*optim_states.pt"))
     partition.write_bytes(partition.read_bytes()[:100])
     with pytest.raises(Exception) as excinfo:
         run(cfg, plan)
-    assert "rank 1 cannot load checkpoint" in str(excinfo.value) and "step_00000008" in str(excinfo.value)
-    assert [step for step, _ in ckpt.list_step_dirs(plan.checkpoint_dir)] == [8]  # nothing new was written
+    assert "rank 1 cannot load checkpoint" in str(excinfo.value) and "step_00000010" in str(excinfo.value)
+    assert [step for step, _ in ckpt.list_step_dirs(plan.checkpoint_dir)] == [10]  # nothing new was written
 
 
 def test_divergence_stops_with_the_step_and_last_good_checkpoint(digits: str, tmp_path: Path, ray_connected) -> None:
@@ -174,17 +176,19 @@ def test_ray_job_submit_tiny_end_to_end(digits: str, tmp_path: Path, ray_cluster
     """`ray job submit ... -- python jobs/pretrain.py --config tiny`: trains, checkpoints, exports, logs to MLflow."""
     from mlflow import MlflowClient
 
+    # runs/ under VITPIPE_HOME, as the README's laptop path submits it (the job runs a temporary copy of the code)
     root = tmp_path / "runs"
     sets = [
         f"data.train={digits}",
-        f"run.root={root.as_uri()}",
         f"tracking.uri={mlflow_server.url}",
         "train.steps=40",
         "optim.warmup_steps=4",
         "checkpoint.every_steps=20",
     ]
     args = [item for value in sets for item in ("--set", value)]
-    result = ray_cluster.job_submit("python", "jobs/pretrain.py", "--config", "tiny", *args, timeout=900)
+    result = ray_cluster.job_submit(
+        "python", "jobs/pretrain.py", "--config", "tiny", *args, env_vars={"VITPIPE_HOME": str(tmp_path)}, timeout=900
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     assert "succeeded" in output and "[tiny] step 40/40" in output and "img/s" in output and "ETA" in output
