@@ -58,22 +58,25 @@ def in_ray_job_copy() -> bool:
 
 
 def check_durable_defaults(cfg: PretrainConfig) -> list[str]:
-    """Defaults that would put runs/ inside Ray's temporary copy of the code, where nothing survives the job."""
-    if os.environ.get(HOME_ENV) or not in_ray_job_copy():
+    """Paths inside Ray's temporary copy of the code (the defaults, there), where nothing survives the job."""
+    if not in_ray_job_copy():
         return []
-    from pipeline.presets import demo_data_url
+
+    def inside_copy(local: Path | None) -> bool:
+        return local is not None and local.resolve().is_relative_to(REPO_ROOT.resolve())
 
     fix = (
         f'submit with --runtime-env-json \'{{"env_vars": {{"{HOME_ENV}": "\'$PWD\'"}}}}\' (runs/ under the '
         "submitting directory), or set the field with --set"
     )
     problems = []
-    if cfg.run.root == default_runs_root():
-        problems.append(f"run.root: the default is inside Ray's temporary copy of the code ({cfg.run.root}): {fix}")
-    if cfg.tracking.enabled and cfg.tracking.uri == default_tracking_uri():
-        problems.append(f"tracking.uri: the default SQLite store is inside Ray's temporary copy of the code: {fix}")
-    if cfg.data.train == demo_data_url():
-        problems.append(f"data.train: the demo data default is inside Ray's temporary copy of the code: {fix}")
+    if inside_copy(storage.local_path(cfg.run.root)):
+        problems.append(f"run.root: {cfg.run.root} is inside Ray's temporary copy of the code: {fix}")
+    sqlite = cfg.tracking.uri.startswith("sqlite:///")
+    if cfg.tracking.enabled and sqlite and inside_copy(Path(cfg.tracking.uri[len("sqlite:///") :])):
+        problems.append(f"tracking.uri: the SQLite store {cfg.tracking.uri} is inside Ray's temporary copy: {fix}")
+    if inside_copy(storage.local_path(cfg.data.train)):
+        problems.append(f"data.train: {cfg.data.train} is inside Ray's temporary copy of the code: {fix}")
     return problems
 
 
