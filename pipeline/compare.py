@@ -79,6 +79,33 @@ class Column:
     name: str
     kind: str  # "pretrained", "scratch" or "paper"
     run_id: str | None = None
+    baseline_run_id: str | None = None  # a pretrained sweep's from-scratch baseline, when it has one
+
+
+@dataclass(frozen=True)
+class PretrainingGain:
+    """Pretrained minus from-scratch accuracy on one row, against the larger of the two spreads over seeds."""
+
+    model: str
+    baseline: str
+    row: str
+    gain: float  # percentage points
+    spread: float | None  # None with a single seed: nothing to judge the gain against
+
+    def verdict(self) -> str:
+        if self.spread is None:
+            return "one seed, no spread to judge against"
+        if abs(self.gain) <= self.spread:
+            return "within the spread across seeds"
+        return (
+            "pretraining helps, beyond the spread across seeds"
+            if self.gain > 0
+            else ("pretraining hurts, beyond the spread across seeds")
+        )
+
+    def text(self) -> str:
+        spread = "" if self.spread is None else f" (spread {self.spread:.2f})"
+        return f"{self.model} vs {self.baseline} on {self.row}: {self.gain:+.2f} points{spread}: {self.verdict()}"
 
 
 @dataclass
@@ -89,6 +116,23 @@ class ComparisonTable:
 
     def cell(self, row: str, column: str) -> Cell:
         return self.cells.get((row, column), Cell())
+
+    def pretraining_gains(self) -> list[PretrainingGain]:
+        """Every row where a pretrained column and its from-scratch baseline both have a number."""
+        by_run = {c.run_id: c for c in self.columns if c.run_id}
+        gains = []
+        for column in self.columns:
+            baseline = by_run.get(column.baseline_run_id) if column.baseline_run_id else None
+            if column.kind != "pretrained" or baseline is None:
+                continue
+            for row in self.rows:
+                ours, theirs = self.cell(row, column.name), self.cell(row, baseline.name)
+                if ours.value is None or theirs.value is None:
+                    continue
+                stds = [s for s in (ours.std, theirs.std) if s is not None]
+                spread = max(stds) if stds else None
+                gains.append(PretrainingGain(column.name, baseline.name, row, ours.value - theirs.value, spread))
+        return gains
 
     def to_markdown(self) -> str:
         header = ["benchmark", *(c.name for c in self.columns)]
@@ -238,7 +282,9 @@ def build_table(sweeps: Sequence[Sweep], *, paper_rows: bool = False) -> Compari
     for sweep in sweeps:
         name = sweep.label if sweep.label not in seen else f"{sweep.label} [{sweep.run_id[:8]}]"
         seen.add(name)
-        columns.append(Column(name=name, kind=sweep.init, run_id=sweep.run_id))
+        columns.append(
+            Column(name=name, kind=sweep.init, run_id=sweep.run_id, baseline_run_id=sweep.tags.get(SCRATCH_RUN_TAG))
+        )
         for row in rows:
             cells[(row, name)] = sweep.cell(row)
     for model in paper.PAPER_MODELS:
@@ -315,7 +361,9 @@ def write_outputs(table: ComparisonTable, out_dir: str | Path) -> dict[str, Path
         "csv": out / "comparison.csv",
         "long_csv": out / "comparison_long.csv",
     }
-    files["markdown"].write_text(table.to_markdown())
+    gains = table.pretraining_gains()
+    gains_text = "".join(f"- {g.text()}\n" for g in gains)
+    files["markdown"].write_text(table.to_markdown() + (f"\n## Value of pretraining\n\n{gains_text}" if gains else ""))
     files["csv"].write_text(table.to_csv())
     files["long_csv"].write_text(table.to_long_csv())
     files["png"] = table.plot(out / "comparison.png")

@@ -89,6 +89,7 @@ def test_table_has_every_row_paper_columns_and_the_logged_numbers(tracking_uri, 
 
     markdown = result.files["markdown"].read_text()
     assert "83.75 ± 1.23" in markdown and "| lfw | failed | 71.00 |" in markdown
+    assert "on digits_heldout: +42.50 points (spread 3.10): pretraining helps" in markdown
     assert table.cell("digits_heldout/fewshot_5shot", "Mi/4 digits0-4").std == pytest.approx(5.0)
     assert result.files["png"].stat().st_size > 5000
     assert result.files["csv"] == tmp_path / "out" / "comparison.csv"
@@ -135,3 +136,59 @@ def test_same_label_twice_gets_distinct_columns():
     ]
     names = [c.name for c in cmp.build_table(sweeps).columns[:2]]
     assert names == ["ViT", "ViT [bbbbbbbb]"]
+
+
+def test_value_of_pretraining_is_judged_against_the_spread_across_seeds():
+    scratch = cmp.Sweep(
+        run_id="scratch00001",
+        label="Mi/4 (scratch)",
+        init="scratch",
+        rows=["digits_heldout", "lfw", "pets"],
+        metrics={
+            "digits_heldout/test_accuracy": 0.246,
+            "digits_heldout/test_accuracy_std": 0.030,
+            "lfw/test_accuracy": 0.95,
+            "pets/test_accuracy": 0.50,
+            "pets/test_accuracy_std": 0.04,
+        },
+        tags={cmp.status_tag(r): cmp.STATUS_OK for r in ("digits_heldout", "lfw", "pets")},
+    )
+    pretrained = cmp.Sweep(
+        run_id="pretrained01",
+        label="Mi/4",
+        init="pretrained",
+        rows=["digits_heldout", "lfw", "pets", "cifar10"],
+        metrics={
+            "digits_heldout/test_accuracy": 0.436,
+            "digits_heldout/test_accuracy_std": 0.034,
+            "lfw/test_accuracy": 0.975,
+            "pets/test_accuracy": 0.48,
+            "pets/test_accuracy_std": 0.01,
+            "cifar10/test_accuracy": 0.9,
+        },
+        tags={cmp.SCRATCH_RUN_TAG: "scratch00001"}
+        | {cmp.status_tag(r): cmp.STATUS_OK for r in ("digits_heldout", "lfw", "pets", "cifar10")},
+    )
+    gains = {g.row: g for g in cmp.build_table([pretrained, scratch]).pretraining_gains()}
+
+    assert set(gains) == {"digits_heldout", "lfw", "pets"}  # cifar10 has no baseline number
+    assert gains["digits_heldout"].gain == pytest.approx(19.0)
+    assert gains["digits_heldout"].spread == pytest.approx(3.4)
+    assert gains["digits_heldout"].verdict() == "pretraining helps, beyond the spread across seeds"
+    assert gains["pets"].gain == pytest.approx(-2.0)
+    assert gains["pets"].verdict() == "within the spread across seeds"
+    assert gains["lfw"].spread is None
+    assert "no spread" in gains["lfw"].verdict()
+    assert gains["digits_heldout"].text().startswith("Mi/4 vs Mi/4 (scratch) on digits_heldout: +19.00 points")
+
+
+def test_a_sweep_without_its_baseline_in_the_table_has_no_gains():
+    lone = cmp.Sweep(
+        run_id="pretrained02",
+        label="ViT",
+        init="pretrained",
+        rows=["pets"],
+        metrics={"pets/test_accuracy": 0.9},
+        tags={cmp.SCRATCH_RUN_TAG: "not-selected", cmp.status_tag("pets"): cmp.STATUS_OK},
+    )
+    assert cmp.build_table([lone]).pretraining_gains() == []
