@@ -42,7 +42,8 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
-def _experiment_id(client: Any, uri: str, name: str) -> str:
+def experiment_id_for(client: Any, uri: str, name: str) -> str:
+    """The id of experiment ``name``, created if missing, with artifacts next to an SQLite store (all jobs share it)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -72,7 +73,7 @@ def open_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], t
 
     try:
         client = _client(uri)
-        experiment_id = _experiment_id(client, uri, experiment)
+        experiment_id = experiment_id_for(client, uri, experiment)
         existing = client.search_runs(
             [experiment_id],
             filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",

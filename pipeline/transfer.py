@@ -822,7 +822,7 @@ def run_sweep(cfg: TransferConfig | None = None, *, sets: Sequence[str] = (), **
     import ray
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import _experiment_id  # the same experiment/artifact placement as pretraining
+    from pipeline.tracking import experiment_id_for
 
     cfg = cfg if cfg is not None else build_config(fields, sets)
     plan = plan_sweep(cfg)
@@ -831,7 +831,7 @@ def run_sweep(cfg: TransferConfig | None = None, *, sets: Sequence[str] = (), **
     _check_resources(specs)
 
     client = MlflowClient(cfg.tracking_uri)
-    exp_id = _experiment_id(client, cfg.tracking_uri, cfg.experiment)
+    exp_id = experiment_id_for(client, cfg.tracking_uri, cfg.experiment)
     parents: dict[str, str] = {}
     for init in plan.inits:
         label = plan.source.label if init == "pretrained" else f"{plan.source.label} (scratch)"

@@ -27,8 +27,9 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -194,6 +195,22 @@ def shuffle_buffer(items: Iterable[Any], size: int, rng: np.random.Generator) ->
         yield buffer.pop()
 
 
+def _decoded(
+    sample: shardlib.RawSample, num_classes: int | None, transform: Callable[[Any], torch.Tensor]
+) -> tuple[torch.Tensor | None, str | None]:
+    """The sample's image through ``transform``, or why the sample is bad (unreadable, label out of range, or not
+    an image). Training and evaluation judge samples alike: a label the manifest does not know is bad data, not a
+    new class."""
+    if sample.error is not None:
+        return None, sample.error
+    if num_classes is not None and sample.label >= num_classes:
+        return None, f"label {sample.label} >= num_classes {num_classes}"
+    try:
+        return transform(sample.image), None
+    except DecodeError as exc:
+        return None, str(exc)
+
+
 class _BadSampleLog:
     """Logs the first few bad samples of a stream, then one summary line per interval."""
 
@@ -288,16 +305,11 @@ class TrainStreams(IterableDataset):
                     uniforms = aug_rng.random(AUG_DRAWS)
                     if i < skip:
                         continue  # taken before the restore: not decoded, not counted again
-                    error = sample.error
-                    if error is None and self.num_classes is not None and sample.label >= self.num_classes:
-                        error = f"label {sample.label} >= num_classes {self.num_classes}"
-                    if error is None:
-                        try:
-                            image = train_transform(
-                                sample.image, cfg.image_size, uniforms, scale=cfg.crop_scale, flip=cfg.flip
-                            )
-                        except DecodeError as exc:
-                            error = str(exc)
+                    image, error = _decoded(
+                        sample,
+                        self.num_classes,
+                        partial(train_transform, size=cfg.image_size, u=uniforms, scale=cfg.crop_scale, flip=cfg.flip),
+                    )
                     if error is not None:
                         if cfg.strict:
                             raise DataError(f"{where}: bad sample {sample.key} in {url}: {error} (data.strict=true)")
@@ -546,15 +558,11 @@ class EvalStreams(IterableDataset):
             for j, sample in enumerate(shardlib.iter_shard(url)):
                 if (k + j) % self.world_size != self.rank:
                     continue
-                error = sample.error
-                # The same label check as training: a label the manifest does not know is bad data, not a class.
-                if error is None and self.num_classes is not None and sample.label >= self.num_classes:
-                    error = f"label {sample.label} >= num_classes {self.num_classes}"
-                if error is None:
-                    try:
-                        image = eval_transform(sample.image, self.image_size, crop_fraction=self.crop_fraction)
-                    except DecodeError as exc:
-                        error = str(exc)
+                image, error = _decoded(
+                    sample,
+                    self.num_classes,
+                    lambda data: eval_transform(data, self.image_size, crop_fraction=self.crop_fraction),
+                )
                 if error is not None:
                     if self.strict:
                         raise DataError(f"eval: bad sample {sample.key} in {url}: {error}")
