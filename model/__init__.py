@@ -3,7 +3,7 @@
 Pure PyTorch: no IO beyond reading a local weights file, nothing distributed.
 """
 
-from model.checkpoint import CheckpointMismatchError, LoadInfo, load_checkpoint
+from model.checkpoint import CheckpointMismatchError, LoadInfo, check_npz_architecture, load_checkpoint, npz_shapes
 from model.flops import flops, param_count, train_flops_per_image
 from model.pos_embed import resample_pos_embed
 from model.variants import SIZES, ViTShape, parse_variant
@@ -16,9 +16,11 @@ __all__ = [
     "ViTShape",
     "ViTSpec",
     "VisionTransformer",
+    "check_npz_architecture",
     "create_vit",
     "flops",
     "load_checkpoint",
+    "npz_shapes",
     "param_count",
     "parse_variant",
     "resample_pos_embed",

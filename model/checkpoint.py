@@ -14,10 +14,12 @@ Official layouts handled (keys may sit under "opt/target/", "params/" or "params
 
 import math
 import os
+import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -220,6 +222,77 @@ def _checkpoint_shape(state: dict[str, torch.Tensor]) -> tuple[int, int, int, in
         return w.shape[0], depth, w.shape[-1], state["blocks.0.mlp.fc1.weight"].shape[0]
     except (KeyError, IndexError):
         return None
+
+
+def npz_shapes(file: IO[bytes]) -> dict[str, tuple[int, ...]]:
+    """Every array's shape in an .npz, read from the member headers only: no weight is loaded, so a remote
+    multi-gigabyte checkpoint can be checked through a seekable file object in a few small reads."""
+    shapes = {}
+    try:
+        with zipfile.ZipFile(file) as archive:
+            for name in archive.namelist():
+                if not name.endswith(".npy"):
+                    continue
+                with archive.open(name) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shapes[name[: -len(".npy")]] = tuple(read_header(member)[0])
+    except (zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointMismatchError(f"Not a readable .npz archive ({exc}).") from None
+    return shapes
+
+
+def check_npz_architecture(file: IO[bytes], variant: str, *, pool: str = "token") -> None:
+    """Raise CheckpointMismatchError unless the official .npz in ``file`` holds ViT-``variant`` with ``pool``.
+
+    The same checks as `load_checkpoint`'s first ones (network shape, heads, class token), from the array
+    headers only: what a job runs before fanning out work that would each load the wrong file.
+    """
+    from model.variants import parse_variant
+
+    want = parse_variant(variant)
+    shapes = npz_shapes(file)
+    prefix = next((p for p in OFFICIAL_PREFIXES if f"{p}embedding/kernel" in shapes), None)
+    if prefix is None:
+        raise CheckpointMismatchError(
+            "No 'embedding/kernel' found: this is not a ViT checkpoint in the official JAX layout "
+            f"(first keys: {sorted(shapes)[:5]})."
+        )
+    ours = {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}
+    patch, width = ours["embedding/kernel"][0], ours["embedding/kernel"][-1]
+    scanned = "Transformer/encoderblock/"
+    blocks = {int(m.group(1)) for k in ours if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))}
+    depth, mlp, heads = len(blocks), None, None
+    for key, shape in ours.items():
+        if not key.startswith((scanned, "Transformer/encoderblock_0/")):
+            continue
+        inner = shape[1:] if key.startswith(scanned) else shape
+        if key.startswith(scanned):
+            depth = shape[0]
+        if re.search(r"/MlpBlock_\d+/Dense_0/kernel$", key):
+            mlp = inner[-1]
+        elif key.endswith("/query/kernel"):
+            heads = inner[-2]
+    if mlp is None:
+        raise CheckpointMismatchError("No MLP kernel found in the first encoder block: not a plain ViT checkpoint.")
+    found = (width, depth, patch, mlp)
+    if found != (want.width, want.depth, want.patch_size, want.mlp_dim) or heads not in (None, want.num_heads):
+        name = _variant_name(*found)
+        fix = f"use variant {name!r}" if name else "use the checkpoint's width, depth, MLP size and patch size"
+        raise CheckpointMismatchError(
+            f"Checkpoint is a ViT-{_describe(*found, heads)}, not ViT-"
+            f"{_describe(want.width, want.depth, want.patch_size, want.mlp_dim, want.num_heads)}: {fix}."
+        )
+    if ("cls" in ours) != (pool == "token"):
+        want_pool = "token" if "cls" in ours else "gap"
+        raise CheckpointMismatchError(
+            f"The checkpoint {'has a' if 'cls' in ours else 'has no'} class token, but pool={pool!r} was asked for: "
+            f"use pool={want_pool!r}."
+        )
 
 
 def _fail(lines: list[str]) -> None:

@@ -148,13 +148,18 @@ def size(url: str) -> int:
 # Streaming reads of remote objects (tar shards) fetch this much per request. gcsfs's default adaptive cache
 # was seen issuing one small range request per read() call: ~400x slower on a sequential tar scan.
 STREAM_BLOCK_SIZE = 16 * 2**20
+SMALL_READ_BLOCK_SIZE = 64 * 2**10
 
 
-def open_read(url: str, *, streaming: bool = False) -> IO[bytes]:
-    """Open an object for reading; ``streaming=True`` for one sequential pass (large read-ahead blocks)."""
+def open_read(url: str, *, streaming: bool = False, small_reads: bool = False) -> IO[bytes]:
+    """Open an object for reading; ``streaming=True`` for one sequential pass (large read-ahead blocks),
+    ``small_reads=True`` for a few reads at scattered offsets (an archive's headers): gcsfs would otherwise
+    fetch several MiB after each seek."""
     fs, path = filesystem(url)
     if streaming and scheme_of(url) == "gs":
         return fs.open(path, "rb", block_size=STREAM_BLOCK_SIZE, cache_type="readahead")
+    if small_reads and scheme_of(url) == "gs":
+        return fs.open(path, "rb", block_size=SMALL_READ_BLOCK_SIZE, cache_type="bytes")
     return fs.open(path, "rb")
 
 

@@ -35,6 +35,7 @@ import pydantic
 import torch
 import torch.nn.functional as F
 
+import model as vit_model
 from pipeline import benchmarks as bench
 from pipeline import compare as schema
 from pipeline import storage
@@ -238,6 +239,13 @@ def resolve_pretrained(cfg: TransferConfig) -> ModelSource:
             )
         if not storage.exists(url):
             raise ConfigError([f"pretrained: {url} does not exist"])
+        # From the array headers only (a few small reads, even on gs://): a wrong --variant fails here, once,
+        # instead of in every fine-tuning task after its download.
+        try:
+            with storage.open_read(url, small_reads=True) as file:
+                vit_model.check_npz_architecture(file, cfg.variant, pool=cfg.checkpoint_pool)
+        except (vit_model.CheckpointMismatchError, ValueError) as exc:
+            raise ConfigError([f"pretrained: {url}: {exc}"]) from None
         spec = {
             "variant": cfg.variant,
             "img_size": cfg.checkpoint_img_size,
@@ -260,7 +268,6 @@ def resolve_pretrained(cfg: TransferConfig) -> ModelSource:
 
 def build_model(source: ModelSource, init: str, *, seed: int) -> torch.nn.Module:
     """The pretrained ViT (as exported, with its representation layer), or the same architecture at random."""
-    import model as vit_model
     from pipeline.export import load_exported_model
 
     torch.manual_seed(seed)

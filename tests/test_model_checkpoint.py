@@ -6,10 +6,18 @@ import numpy as np
 import pytest
 import timm
 import torch
+from fixtures.official_npz import to_official
 from safetensors.torch import save_file
 from timm.models.vision_transformer import _load_weights as timm_load_npz
 
-from model import CheckpointMismatchError, create_vit, load_checkpoint, resample_pos_embed
+from model import (
+    CheckpointMismatchError,
+    check_npz_architecture,
+    create_vit,
+    load_checkpoint,
+    npz_shapes,
+    resample_pos_embed,
+)
 
 
 @torch.no_grad()
@@ -18,62 +26,6 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> None:
     for name, p in module.named_parameters():
         noise = torch.randn(p.shape, generator=gen)
         p.copy_(1.0 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.02 * noise)
-
-
-def to_official(
-    sd: dict[str, torch.Tensor], heads: int, *, layout: str = "vit", scanned: bool = False, prefix: str = ""
-) -> dict[str, np.ndarray]:
-    """Write a timm-named ViT state dict in the official JAX key layout (the inverse of the loaders).
-
-    layout="vit": google-research/vision_transformer; "big_vision": big_vision's plain ViT
-    (position embedding without the class-token slot, other sub-module numbering, optional scan).
-    """
-    a = {k: v.detach().numpy().astype(np.float32) for k, v in sd.items()}
-    D = a["patch_embed.proj.weight"].shape[0]
-    out = {
-        "embedding/kernel": a["patch_embed.proj.weight"].transpose(2, 3, 1, 0),  # OIHW -> HWIO
-        "embedding/bias": a["patch_embed.proj.bias"],
-        "Transformer/encoder_norm/scale": a["norm.weight"],
-        "Transformer/encoder_norm/bias": a["norm.bias"],
-    }
-    if layout == "vit":
-        out["cls"] = a["cls_token"]
-        out["Transformer/posembed_input/pos_embedding"] = a["pos_embed"]
-        mha, ln2, mlp = 1, 2, 3
-    else:
-        # big_vision adds the position embedding before prepending the class token
-        out["cls"] = a["cls_token"] + a["pos_embed"][:, :1]
-        out["pos_embedding"] = a["pos_embed"][:, 1:]
-        mha, ln2, mlp = 0, 1, 0
-    if "head.weight" in a:
-        out["head/kernel"], out["head/bias"] = a["head.weight"].T, a["head.bias"]
-    depth = sum(1 for k in a if k.endswith(".norm1.weight"))
-    blocks = []
-    for i in range(depth):
-        p = f"blocks.{i}."
-        blk = {
-            "LayerNorm_0/scale": a[p + "norm1.weight"],
-            "LayerNorm_0/bias": a[p + "norm1.bias"],
-            f"LayerNorm_{ln2}/scale": a[p + "norm2.weight"],
-            f"LayerNorm_{ln2}/bias": a[p + "norm2.bias"],
-            f"MultiHeadDotProductAttention_{mha}/out/kernel": a[p + "attn.proj.weight"].T.reshape(heads, -1, D),
-            f"MultiHeadDotProductAttention_{mha}/out/bias": a[p + "attn.proj.bias"],
-        }
-        qkv_w, qkv_b = np.split(a[p + "attn.qkv.weight"], 3), np.split(a[p + "attn.qkv.bias"], 3)
-        for name, wt, b in zip(("query", "key", "value"), qkv_w, qkv_b, strict=True):
-            blk[f"MultiHeadDotProductAttention_{mha}/{name}/kernel"] = wt.T.reshape(D, heads, -1)
-            blk[f"MultiHeadDotProductAttention_{mha}/{name}/bias"] = b.reshape(heads, -1)
-        for j in range(2):
-            blk[f"MlpBlock_{mlp}/Dense_{j}/kernel"] = a[p + f"mlp.fc{j + 1}.weight"].T
-            blk[f"MlpBlock_{mlp}/Dense_{j}/bias"] = a[p + f"mlp.fc{j + 1}.bias"]
-        blocks.append(blk)
-    if scanned:
-        for key in blocks[0]:
-            out[f"Transformer/encoderblock/{key}"] = np.stack([blk[key] for blk in blocks])
-    else:
-        for i, blk in enumerate(blocks):
-            out.update({f"Transformer/encoderblock_{i}/{k}": v for k, v in blk.items()})
-    return {prefix + k: v for k, v in out.items()}
 
 
 @pytest.fixture(scope="module")
@@ -288,3 +240,34 @@ def test_error_missing_unexpected_and_shape(timm_ti16) -> None:
 
     # the failed attempts copied nothing: checks run before any weight is written
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(("layout", "scanned", "prefix"), [("vit", False, ""), ("big_vision", True, "params/")])
+def test_npz_architecture_is_read_from_headers_for_every_layout(tmp_path: Path, layout, scanned, prefix) -> None:
+    vit = create_vit("Mi/4", num_classes=3, img_size=16)
+    path = tmp_path / "ckpt.npz"
+    np.savez(path, **to_official(vit.state_dict(), heads=4, layout=layout, scanned=scanned, prefix=prefix))
+    with path.open("rb") as f:
+        assert npz_shapes(f)[f"{prefix}embedding/kernel"] == (4, 4, 3, 128)
+    with path.open("rb") as f:
+        check_npz_architecture(f, "Mi/4")  # fits
+    for variant, message in [("Ti/4", r"ViT-Mi/4 .*use variant 'Mi/4'"), ("Mi/8", r"patch 4, 4 heads\), not ViT-Mi/8")]:
+        with path.open("rb") as f, pytest.raises(CheckpointMismatchError, match=message):
+            check_npz_architecture(f, variant)
+
+
+def test_npz_check_refuses_the_wrong_pooling_and_a_file_that_is_not_an_npz(tmp_path: Path) -> None:
+    gap = create_vit("Mi/4", num_classes=3, img_size=16, pool="gap")
+    path = tmp_path / "gap.npz"
+    np.savez(path, **to_official(gap.state_dict(), heads=4))
+    with (
+        path.open("rb") as f,
+        pytest.raises(CheckpointMismatchError, match=r"has no class token, but pool='token'.*use pool='gap'"),
+    ):
+        check_npz_architecture(f, "Mi/4", pool="token")
+    with path.open("rb") as f:
+        check_npz_architecture(f, "Mi/4", pool="gap")
+    bogus = tmp_path / "bogus.npz"
+    bogus.write_bytes(b"not a zip archive" * 10)
+    with bogus.open("rb") as f, pytest.raises(CheckpointMismatchError, match=r"Not a readable \.npz"):
+        check_npz_architecture(f, "Mi/4")

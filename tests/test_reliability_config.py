@@ -157,7 +157,9 @@ def data_dirs(tmp_path_factory) -> dict[str, str]:
     (root / "zero").mkdir()
     for i in range(2):
         (root / "zero" / f"train-{i:06d}.tar").write_bytes(b"")
-    return {name: f"file://{root}/{name}" for name in ("empty", "ok", "two", "zero")} | {"missing": f"file://{root}/nope"}
+    return {name: f"file://{root}/{name}" for name in ("empty", "ok", "two", "zero")} | {
+        "missing": f"file://{root}/nope"
+    }
 
 
 def _preflight(case_id: str, sets: list[str], names_the_field: str):
@@ -292,7 +294,14 @@ def _job_cases(data_dirs: dict[str, str]) -> list[tuple[str, list[str], dict[str
         cases.append(
             (
                 "jobs/transfer.py",
-                ["--pretrained", "no-such-run", "--benchmarks", "no_such_benchmark", "--tracking-uri", "http://127.0.0.1:9"],
+                [
+                    "--pretrained",
+                    "no-such-run",
+                    "--benchmarks",
+                    "no_such_benchmark",
+                    "--tracking-uri",
+                    "http://127.0.0.1:9",
+                ],
                 {},
                 ["benchmarks: unknown benchmark(s) 'no_such_benchmark'"],
                 60,

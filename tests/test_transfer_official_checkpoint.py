@@ -1,0 +1,104 @@
+"""Transfer from an official JAX .npz checkpoint (the paper's released weights), in-process on tiny real data.
+
+The checkpoint does not say which architecture it holds, so `--variant` (and its pre-training resolution) must
+be given; the fine-tuned model must start from exactly the checkpoint's weights, with its head dropped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fixtures.official_npz import to_official
+
+import model as vit_model
+from pipeline import transfer
+from pipeline.config import ConfigError
+from pipeline.data.prepare import PrepareOptions, prepare
+
+FAST = ["resolution=24", "steps=3", "warmup_steps=1", "batch_size=8", "eval_every=3", "seeds=1", "lrs=[0.01]"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    url = f"file://{tmp_path_factory.mktemp('benchmarks')}"
+    digits = f"{url}/digits_heldout"
+    prepare(PrepareOptions(source="digits", out=digits, split="train", classes="5-9", per_class=4))
+    for split in ("minival", "test"):
+        prepare(PrepareOptions(source="digits", out=digits, split=split, classes="5-9"))
+    return url
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """Mi/4 at 16 px with a 21k-style head, randomised, saved in the google-research/vision_transformer layout."""
+    torch.manual_seed(0)
+    vit = vit_model.create_vit("Mi/4", num_classes=7, img_size=16)
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("npz") / "Mi_4.npz"
+    np.savez(path, **to_official(vit.state_dict(), heads=vit_model.parse_variant("Mi/4").num_heads))
+    return vit, f"file://{path}"
+
+
+def _config(data_root, url, *extra):
+    fields = {"pretrained": url, "benchmarks": ["digits_heldout"], "data_root": data_root, "fewshot": (1,)}
+    return transfer.build_config(fields, [*FAST, "variant=Mi/4", "checkpoint_img_size=16", *extra])
+
+
+def test_an_official_npz_is_loaded_as_is_and_fine_tuned_with_a_new_head(data_root, checkpoint):
+    original, url = checkpoint
+    plan = transfer.plan_sweep(_config(data_root, url))
+    assert plan.source.kind == "npz" and plan.source.spec["variant"] == "Mi/4"
+    assert plan.source.label == "ViT-Mi/4 (Mi_4.npz)"
+
+    loaded = transfer.build_model(plan.source, "pretrained", seed=0)
+    expected = {k: v for k, v in original.state_dict().items() if not k.startswith("head.")}
+    got = loaded.state_dict()
+    assert set(got) - {"head.weight", "head.bias"} == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+
+    specs = {spec.kind: spec for spec in plan.specs()}
+    tuned = transfer.execute(specs["finetune"])  # 24 px: position embeddings resampled from 4x4 to 6x6
+    assert 0.0 <= tuned["test_accuracy"] <= 1.0 and 0.0 <= tuned["minival_accuracy"] <= 1.0
+    few = transfer.execute(specs["fewshot"])
+    assert 0.0 <= few["fewshot_1shot"] <= 1.0
+
+
+def test_an_npz_without_its_variant_or_missing_is_refused_before_any_run(data_root, checkpoint, tmp_path):
+    _, url = checkpoint
+    fields = {"pretrained": url, "benchmarks": ["digits_heldout"], "data_root": data_root}
+    with pytest.raises(ConfigError, match=r"does not name its architecture; pass --variant"):
+        transfer.plan_sweep(transfer.build_config(fields, FAST))
+    with pytest.raises(ConfigError, match=r"pretrained: .*nowhere\.npz does not exist"):
+        transfer.plan_sweep(_config(data_root, f"file://{tmp_path}/nowhere.npz"))
+
+
+def test_an_npz_of_another_architecture_is_refused_before_any_run_with_the_right_variant(data_root, checkpoint):
+    _, url = checkpoint
+    fields = {"pretrained": url, "benchmarks": ["digits_heldout"], "data_root": data_root}
+    with pytest.raises(ConfigError, match=r"Checkpoint is a ViT-Mi/4 .*not ViT-Ti/4 .*use variant 'Mi/4'"):
+        transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Ti/4", "checkpoint_img_size=16"]))
+    with pytest.raises(ConfigError, match=r"has a class token, but pool='gap'.*use pool='token'"):
+        transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4", "checkpoint_pool=gap"]))
+
+
+def test_a_checkpoint_on_gcs_is_checked_from_its_headers_only(gcs_bucket, tmp_path):
+    """A B/16-sized checkpoint (330 MiB) on the GCS emulator: the architecture check must not download it."""
+    from pipeline import storage
+
+    vit = vit_model.create_vit("B/16", num_classes=0)
+    local = tmp_path / "B_16.npz"
+    np.savez(local, **to_official(vit.state_dict(), heads=12))
+    url = f"{gcs_bucket}/ckpt/B_16.npz"
+    storage.put_file(local, url)
+
+    with storage.open_read(url, small_reads=True) as file:
+        vit_model.check_npz_architecture(file, "B/16")
+        fetched = file.cache.total_requested_bytes
+    print(f"checked a {local.stat().st_size / 2**20:.0f} MiB checkpoint from {fetched / 2**10:.0f} KiB of reads")
+    assert fetched < 0.02 * local.stat().st_size
+    with storage.open_read(url, small_reads=True) as file, pytest.raises(vit_model.CheckpointMismatchError):
+        vit_model.check_npz_architecture(file, "L/16")
