@@ -2,14 +2,16 @@
 
 Rows are benchmarks, columns are pretrained models (one per transfer sweep in MLflow, i.e. one parent run each),
 followed by the paper's published numbers as reference columns. A benchmark that failed or was not run in a
-sweep shows as a visible gap ("failed", "—"), never as a dropped row.
+sweep shows as a visible gap ("failed", "—"), never as a dropped row; a number that stands on only some of its
+fine-tuning runs says how many failed.
 
 This module also defines the result schema of a transfer sweep's parent run, written by ``pipeline.transfer``
 and read here:
 - tags ``role=transfer_sweep``, ``model_label``, ``init`` (pretrained | scratch), ``pretrain_run_id``,
   ``pretrained_uri``, ``result_rows`` (comma-separated row names) and ``status/<row>`` (``ok`` or why not);
 - metrics ``<benchmark>/test_accuracy`` (fraction, mean over seeds), ``<benchmark>/test_accuracy_std`` (with
-  several seeds), ``<benchmark>/best_lr``, few-shot ``<benchmark>/fewshot_<k>shot`` (+ ``_std``).
+  several seeds), ``<benchmark>/best_lr``, ``<benchmark>/failed_runs`` (when some fine-tuning runs failed),
+  few-shot ``<benchmark>/fewshot_<k>shot`` (+ ``_std``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ def std_key(row: str) -> str:
     return value_key(row) + "_std"
 
 
+def failed_runs_key(row: str) -> str:
+    """Metric counting a benchmark's failed fine-tuning runs, when its row still has a number from the others."""
+    return f"{row}/failed_runs"
+
+
 def status_tag(row: str) -> str:
     return f"status/{row}"
 
@@ -64,11 +71,13 @@ class Cell:
     value: float | None = None
     std: float | None = None
     gap: str = MISSING
+    note: str = ""  # e.g. some fine-tuning runs of the row failed: the number stands on the others
 
     def text(self) -> str:
         if self.value is None:
             return self.gap
-        return f"{self.value:.2f}" if self.std is None else f"{self.value:.2f} ± {self.std:.2f}"
+        text = f"{self.value:.2f}" if self.std is None else f"{self.value:.2f} ± {self.std:.2f}"
+        return f"{text} ({self.note})" if self.note else text
 
     def csv_text(self) -> str:
         return self.gap if self.value is None else f"{self.value:.2f}"
@@ -154,7 +163,7 @@ class ComparisonTable:
         """One line per (model, benchmark) with the std and the run id: the machine-readable companion."""
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["model", "kind", "run_id", "benchmark", "accuracy", "std", "status"])
+        writer.writerow(["model", "kind", "run_id", "benchmark", "accuracy", "std", "status", "note"])
         for column in self.columns:
             for row in self.rows:
                 cell = self.cell(row, column.name)
@@ -167,6 +176,7 @@ class ComparisonTable:
                         "" if cell.value is None else f"{cell.value:.4f}",
                         "" if cell.std is None else f"{cell.std:.4f}",
                         STATUS_OK if cell.value is not None else cell.gap,
+                        cell.note,
                     ]
                 )
         return out.getvalue()
@@ -249,7 +259,9 @@ class Sweep:
         if status != STATUS_OK or value is None or math.isnan(value):
             return Cell(gap=status if status != STATUS_OK else MISSING)
         std = self.metrics.get(std_key(row))
-        return Cell(value=100.0 * value, std=None if std is None else 100.0 * std)
+        failed = int(self.metrics.get(failed_runs_key(row), 0))
+        note = f"{failed} run{'s' if failed > 1 else ''} failed" if failed else ""
+        return Cell(value=100.0 * value, std=None if std is None else 100.0 * std, note=note)
 
 
 def sweep_from_run(run) -> Sweep:

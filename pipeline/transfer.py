@@ -734,7 +734,7 @@ def summarise(outcomes: list[RunOutcome], plan: SweepPlan, init: str) -> tuple[d
                 put(f"{name}_real", None, None, schema.STATUS_FAILED)
         failed = sum(o.status == "FAILED" for o in tuned)
         if failed:
-            metrics[f"{name}/failed_runs"] = failed
+            metrics[schema.failed_runs_key(name)] = failed
         for o in (o for o in mine if o.spec.kind == "fewshot"):
             for k in o.spec.shots:
                 row = schema.fewshot_row(name, k)

@@ -192,3 +192,27 @@ def test_a_sweep_without_its_baseline_in_the_table_has_no_gains():
         tags={cmp.SCRATCH_RUN_TAG: "not-selected", cmp.status_tag("pets"): cmp.STATUS_OK},
     )
     assert cmp.build_table([lone]).pretraining_gains() == []
+
+
+def test_a_number_standing_on_only_some_runs_says_how_many_failed():
+    sweep = cmp.Sweep(
+        run_id="partial00001",
+        label="ViT",
+        init="pretrained",
+        rows=["pets", "lfw"],
+        metrics={
+            "pets/test_accuracy": 0.436,
+            "pets/test_accuracy_std": 0.034,
+            cmp.failed_runs_key("pets"): 2,
+            "lfw/test_accuracy": 0.9,
+        },
+        tags={cmp.status_tag("pets"): cmp.STATUS_OK, cmp.status_tag("lfw"): cmp.STATUS_OK},
+    )
+    table = cmp.build_table([sweep])
+    assert "| pets | 43.60 ± 3.40 (2 runs failed) |" in table.to_markdown()
+    assert "| lfw | 90.00 |" in table.to_markdown()
+    wide = {r["benchmark"]: r for r in csv.DictReader(io.StringIO(table.to_csv()))}
+    assert wide["pets"]["ViT"] == "43.60"  # the CSV keeps plain numbers
+    long = {(r["model"], r["benchmark"]): r for r in csv.DictReader(io.StringIO(table.to_long_csv()))}
+    assert long[("ViT", "pets")]["note"] == "2 runs failed" and long[("ViT", "pets")]["status"] == "ok"
+    assert long[("ViT", "lfw")]["note"] == ""
