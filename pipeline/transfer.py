@@ -646,6 +646,14 @@ def _check_benchmark_data(b: bench.Benchmark, urls: dict[str, str], root: str, *
                     f"fewshot: benchmark {b.name!r} has only {min(counts)} training images in its smallest class, "
                     f"fewer than {min_per_class} shots; lower the shot counts"
                 )
+            elif counts and max(counts) <= min_per_class:
+                log.warning(
+                    "fewshot: benchmark %r has at most %d training images per class: %d-shot draws all of them, "
+                    "so its seeds do not differ (its std over seeds is 0 by construction)",
+                    b.name,
+                    max(counts),
+                    min_per_class,
+                )
     return problems
 
 

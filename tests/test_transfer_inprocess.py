@@ -1,7 +1,8 @@
-"""Transfer from an official JAX .npz checkpoint (the paper's released weights), in-process on tiny real data.
+"""Transfer planning and single runs in-process (no Ray, no MLflow server), on tiny real data.
 
-The checkpoint does not say which architecture it holds, so `--variant` (and its pre-training resolution) must
-be given; the fine-tuned model must start from exactly the checkpoint's weights, with its head dropped.
+Mostly an official JAX .npz checkpoint (the paper's released weights): it does not say which architecture it holds,
+so `--variant` (and its pre-training resolution) must be given and is checked before any run; the fine-tuned model
+must start from exactly the checkpoint's weights, with its head dropped.
 """
 
 from __future__ import annotations
@@ -102,3 +103,15 @@ def test_a_checkpoint_on_gcs_is_checked_from_its_headers_only(gcs_bucket, tmp_pa
     assert fetched < 0.02 * local.stat().st_size
     with storage.open_read(url, small_reads=True) as file, pytest.raises(vit_model.CheckpointMismatchError):
         vit_model.check_npz_architecture(file, "L/16")
+
+
+def test_a_shot_count_that_takes_every_training_image_warns_that_seeds_cannot_differ(data_root, checkpoint, caplog):
+    _, url = checkpoint
+    fields = {"pretrained": url, "benchmarks": ["digits_heldout"], "data_root": data_root, "fewshot": (1, 4)}
+    with caplog.at_level("WARNING", logger="pipeline.transfer"):
+        transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4", "checkpoint_img_size=16"]))
+    assert "4-shot draws all of them, so its seeds do not differ" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.transfer"):
+        transfer.plan_sweep(_config(data_root, url))  # 1-shot of 4 per class: seeds differ, no warning
+    assert "seeds do not differ" not in caplog.text
