@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import statistics
 import tempfile
@@ -788,6 +789,11 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {cause}"
 
 
+def _joined_a_cluster(cfg: TransferConfig) -> bool:
+    """True when the sweep runs on a Ray cluster that existed before it (a job, an address), not a local one."""
+    return bool(cfg.ray_address or os.environ.get("RAY_ADDRESS") or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ)
+
+
 def _connect_ray(cfg: TransferConfig) -> None:
     # The same connection as pretraining: the job's cluster (RAY_ADDRESS), the given address, or a local Ray; outside
     # `ray job submit` the repository is shipped to the workers as their working dir.
@@ -796,7 +802,10 @@ def _connect_ray(cfg: TransferConfig) -> None:
     connect_ray(cfg.ray_address)
 
 
-def _check_resources(specs: list[RunSpec]) -> None:
+def check_resources(specs: list[RunSpec], *, can_grow: bool) -> None:
+    """Runs that ask for more than the whole Ray cluster has would wait forever. A local Ray cannot grow, so that
+    fails here; a cluster we joined may have an autoscaler (infra's GPU worker group starts at 0 replicas), so
+    there it is only a warning."""
     import ray
 
     total = ray.cluster_resources()
@@ -812,8 +821,10 @@ def _check_resources(specs: list[RunSpec]) -> None:
                 f"{s.benchmark}: a run asks for {s.num_gpus:g} GPU(s) but the Ray cluster has {total.get('GPU', 0):g}; "
                 "run on a GPU cluster or pass --set num_gpus=0 (CPU fine-tuning)"
             )
-    if problems:
+    if problems and not can_grow:
         raise ConfigError(sorted(problems))
+    for problem in sorted(problems):
+        log.warning("%s (for now: the runs wait until the cluster's autoscaler adds the resources)", problem)
 
 
 def _parent_tags(plan: SweepPlan, init: str, label: str) -> dict[str, str]:
@@ -843,7 +854,7 @@ def run_sweep(cfg: TransferConfig | None = None, *, sets: Sequence[str] = (), **
     plan = plan_sweep(cfg)
     specs = plan.specs()
     _connect_ray(cfg)
-    _check_resources(specs)
+    check_resources(specs, can_grow=_joined_a_cluster(cfg))
 
     client = MlflowClient(cfg.tracking_uri)
     exp_id = experiment_id_for(client, cfg.tracking_uri, cfg.experiment)

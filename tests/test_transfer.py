@@ -278,3 +278,16 @@ def test_a_run_whose_worker_is_killed_is_marked_failed_and_the_others_finish(
     parent = client.get_run(result.run_id)
     assert parent.data.tags[cmp.status_tag("lfw")] == cmp.STATUS_FAILED
     assert "digits_heldout/test_accuracy" in parent.data.metrics
+
+
+def test_runs_the_cluster_cannot_host_yet_fail_on_a_local_ray_and_wait_for_the_autoscaler_on_a_cluster(
+    ray_connected, data_root, pretrained, caplog
+):
+    _, export_url = pretrained
+    fields = {"pretrained": export_url, "benchmarks": ["digits_heldout"], "data_root": data_root, "num_gpus": 1}
+    specs = transfer.plan_sweep(transfer.build_config(fields, FAST)).specs()
+    with pytest.raises(ConfigError, match=r"asks for 1 GPU\(s\) but the Ray cluster has 0"):
+        transfer.check_resources(specs, can_grow=False)
+    with caplog.at_level("WARNING", logger="pipeline.transfer"):
+        transfer.check_resources(specs, can_grow=True)
+    assert "asks for 1 GPU(s)" in caplog.text and "autoscaler" in caplog.text
