@@ -3,7 +3,15 @@
 Pure PyTorch: no IO beyond reading a local weights file, nothing distributed.
 """
 
-from model.checkpoint import CheckpointMismatchError, LoadInfo, check_npz_architecture, load_checkpoint, npz_shapes
+from model.checkpoint import (
+    CheckpointMismatchError,
+    LoadInfo,
+    NpzArchitecture,
+    check_npz_architecture,
+    load_checkpoint,
+    npz_architecture,
+    npz_shapes,
+)
 from model.flops import flops, param_count, train_flops_per_image
 from model.pos_embed import resample_pos_embed
 from model.variants import SIZES, ViTShape, parse_variant
@@ -13,6 +21,7 @@ __all__ = [
     "SIZES",
     "CheckpointMismatchError",
     "LoadInfo",
+    "NpzArchitecture",
     "ViTShape",
     "ViTSpec",
     "VisionTransformer",
@@ -20,6 +29,7 @@ __all__ = [
     "create_vit",
     "flops",
     "load_checkpoint",
+    "npz_architecture",
     "npz_shapes",
     "param_count",
     "parse_variant",

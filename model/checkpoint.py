@@ -246,15 +246,27 @@ def npz_shapes(file: IO[bytes]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_npz_architecture(file: IO[bytes], variant: str, *, pool: str = "token") -> None:
-    """Raise CheckpointMismatchError unless the official .npz in ``file`` holds ViT-``variant`` with ``pool``.
+@dataclass(frozen=True)
+class NpzArchitecture:
+    """What an official .npz says about its network, read from its array headers (see `npz_architecture`)."""
 
-    The same checks as `load_checkpoint`'s first ones (network shape, heads, class token), from the array
-    headers only: what a job runs before fanning out work that would each load the wrong file.
-    """
-    from model.variants import parse_variant
+    width: int
+    depth: int
+    patch_size: int
+    mlp_dim: int
+    num_heads: int | None
+    pool: str  # "token" when it has a class token, else "gap"
+    representation_size: int | None  # the pre-logits layer's width, None without one
+    grid: int | None  # patches per side of its position embedding (its pre-training resolution / patch size)
 
-    want = parse_variant(variant)
+    @property
+    def img_size(self) -> int | None:
+        return None if self.grid is None else self.grid * self.patch_size
+
+
+def npz_architecture(file: IO[bytes]) -> NpzArchitecture:
+    """The network an official .npz holds, from its array headers only: a job checks a remote multi-gigabyte
+    checkpoint against the requested variant with a few small reads, before it fans out work that loads it."""
     shapes = npz_shapes(file)
     prefix = next((p for p in OFFICIAL_PREFIXES if f"{p}embedding/kernel" in shapes), None)
     if prefix is None:
@@ -279,20 +291,45 @@ def check_npz_architecture(file: IO[bytes], variant: str, *, pool: str = "token"
             heads = inner[-2]
     if mlp is None:
         raise CheckpointMismatchError("No MLP kernel found in the first encoder block: not a plain ViT checkpoint.")
-    found = (width, depth, patch, mlp)
-    if found != (want.width, want.depth, want.patch_size, want.mlp_dim) or heads not in (None, want.num_heads):
+    has_cls = "cls" in ours
+    grid = None
+    for key in ("Transformer/posembed_input/pos_embedding", "pos_embedding", "Transformer/pos_embedding"):
+        if key in ours:
+            # Only the first layout keeps a class-token slot in the position embedding.
+            tokens = ours[key][-2] - (1 if has_cls and key == "Transformer/posembed_input/pos_embedding" else 0)
+            side = math.isqrt(tokens)
+            grid = side if side * side == tokens else None
+            break
+    rep = ours["pre_logits/kernel"][-1] if "pre_logits/kernel" in ours else None
+    return NpzArchitecture(width, depth, patch, mlp, heads, "token" if has_cls else "gap", rep, grid)
+
+
+def check_npz_architecture(file: IO[bytes], variant: str, *, pool: str | None = None) -> NpzArchitecture:
+    """The checkpoint's `NpzArchitecture`, after checking it holds ViT-``variant`` (and ``pool``, if given): the same
+    checks as `load_checkpoint`'s first ones (network shape, heads, class token); CheckpointMismatchError with the
+    fix if not.
+    """
+    from model.variants import parse_variant
+
+    want = parse_variant(variant)
+    arch = npz_architecture(file)
+    found = (arch.width, arch.depth, arch.patch_size, arch.mlp_dim)
+    if found != (want.width, want.depth, want.patch_size, want.mlp_dim) or arch.num_heads not in (
+        None,
+        want.num_heads,
+    ):
         name = _variant_name(*found)
         fix = f"use variant {name!r}" if name else "use the checkpoint's width, depth, MLP size and patch size"
         raise CheckpointMismatchError(
-            f"Checkpoint is a ViT-{_describe(*found, heads)}, not ViT-"
+            f"Checkpoint is a ViT-{_describe(*found, arch.num_heads)}, not ViT-"
             f"{_describe(want.width, want.depth, want.patch_size, want.mlp_dim, want.num_heads)}: {fix}."
         )
-    if ("cls" in ours) != (pool == "token"):
-        want_pool = "token" if "cls" in ours else "gap"
+    if pool is not None and arch.pool != pool:
+        has = "has a" if arch.pool == "token" else "has no"
         raise CheckpointMismatchError(
-            f"The checkpoint {'has a' if 'cls' in ours else 'has no'} class token, but pool={pool!r} was asked for: "
-            f"use pool={want_pool!r}."
+            f"The checkpoint {has} class token, but pool={pool!r} was asked for: use pool={arch.pool!r}."
         )
+    return arch
 
 
 def _fail(lines: list[str]) -> None:

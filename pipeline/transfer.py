@@ -66,10 +66,12 @@ class TransferConfig(pydantic.BaseModel, extra="forbid"):
     benchmarks: list[str]  # registry names or aliases ("vtab", "paper", "embedded")
     data_root: str | None = None  # root of <benchmark>/<split>.manifest.json; default: runs/data for embedded ones
     model_label: str | None = None  # column name in comparisons; default: from the pretraining run / export
-    # Only for an official .npz checkpoint, which does not describe its architecture:
+    # Only for an official .npz checkpoint, which does not name its architecture: the variant must be given; the
+    # rest is read from the file's array headers unless set (a set value the file contradicts is an error, except
+    # the resolution, which position-embedding resampling bridges).
     variant: str | None = None
-    checkpoint_img_size: int = 224
-    checkpoint_pool: Literal["token", "gap"] = "token"
+    checkpoint_img_size: int | None = None
+    checkpoint_pool: Literal["token", "gap"] | None = None
     checkpoint_representation_size: int | None = None
     scratch: bool = False  # also fine-tune the same architecture from random init, with the same budget
     fewshot: tuple[int, ...] = ()  # shot counts for the few-shot linear evaluation (empty: none)
@@ -90,10 +92,10 @@ class TransferConfig(pydantic.BaseModel, extra="forbid"):
             raise ValueError(f"shot counts must be positive, e.g. fewshot=1,5,10,25; got {list(value)}")
         return tuple(sorted(set(value)))
 
-    @pydantic.field_validator("fewshot_seeds", "checkpoint_img_size")
+    @pydantic.field_validator("fewshot_seeds", "checkpoint_img_size", "checkpoint_representation_size")
     @classmethod
-    def _positive(cls, value: int, info: pydantic.ValidationInfo) -> int:
-        if value < 1:
+    def _positive(cls, value: int | None, info: pydantic.ValidationInfo) -> int | None:
+        if value is not None and value < 1:
             raise ValueError(f"{info.field_name} must be >= 1, got {value}")
         return value
 
@@ -244,14 +246,23 @@ def resolve_pretrained(cfg: TransferConfig) -> ModelSource:
         # instead of in every fine-tuning task after its download.
         try:
             with storage.open_read(url, small_reads=True) as file:
-                vit_model.check_npz_architecture(file, cfg.variant, pool=cfg.checkpoint_pool)
+                arch = vit_model.check_npz_architecture(file, cfg.variant, pool=cfg.checkpoint_pool)
         except (vit_model.CheckpointMismatchError, ValueError) as exc:
             raise ConfigError([f"pretrained: {url}: {exc}"]) from None
+        rep = cfg.checkpoint_representation_size
+        if rep is not None and rep != arch.representation_size:
+            has = f"a {arch.representation_size}-wide" if arch.representation_size else "no"
+            raise ConfigError(
+                [
+                    f"checkpoint_representation_size={rep}: {url} has {has} pre-logits layer; leave the field unset "
+                    "to take it from the file"
+                ]
+            )
         spec = {
             "variant": cfg.variant,
-            "img_size": cfg.checkpoint_img_size,
-            "pool": cfg.checkpoint_pool,
-            "representation_size": cfg.checkpoint_representation_size,
+            "img_size": cfg.checkpoint_img_size or arch.img_size or 224,
+            "pool": arch.pool,
+            "representation_size": arch.representation_size,
         }
         label = cfg.model_label or f"ViT-{cfg.variant} ({url.rsplit('/', 1)[-1]})"
         return ModelSource("npz", url, spec, label, run_id)

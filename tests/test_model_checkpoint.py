@@ -250,7 +250,9 @@ def test_npz_architecture_is_read_from_headers_for_every_layout(tmp_path: Path, 
     with path.open("rb") as f:
         assert npz_shapes(f)[f"{prefix}embedding/kernel"] == (4, 4, 3, 128)
     with path.open("rb") as f:
-        check_npz_architecture(f, "Mi/4")  # fits
+        arch = check_npz_architecture(f, "Mi/4")  # fits
+    # 16 px / patch 4: a 4x4 grid, whether or not the layout keeps a class-token slot in the position embedding.
+    assert (arch.grid, arch.img_size, arch.pool, arch.representation_size, arch.num_heads) == (4, 16, "token", None, 4)
     for variant, message in [("Ti/4", r"ViT-Mi/4 .*use variant 'Mi/4'"), ("Mi/8", r"patch 4, 4 heads\), not ViT-Mi/8")]:
         with path.open("rb") as f, pytest.raises(CheckpointMismatchError, match=message):
             check_npz_architecture(f, variant)

@@ -115,3 +115,23 @@ def test_a_shot_count_that_takes_every_training_image_warns_that_seeds_cannot_di
     with caplog.at_level("WARNING", logger="pipeline.transfer"):
         transfer.plan_sweep(_config(data_root, url))  # 1-shot of 4 per class: seeds differ, no warning
     assert "seeds do not differ" not in caplog.text
+
+
+def test_an_npz_with_a_pre_logits_layer_is_described_by_its_own_headers(data_root, tmp_path):
+    """The original ImageNet-21k checkpoints have a representation layer and were trained at another resolution:
+    with only --variant given, both come from the file."""
+    torch.manual_seed(1)
+    vit = vit_model.create_vit("Mi/4", num_classes=7, img_size=24, representation_size=64)
+    path = tmp_path / "Mi_4_prelogits.npz"
+    np.savez(path, **to_official(vit.state_dict(), heads=4))
+    url = f"file://{path}"
+    fields = {"pretrained": url, "benchmarks": ["digits_heldout"], "data_root": data_root}
+
+    plan = transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4"]))
+    assert plan.source.spec == {"variant": "Mi/4", "img_size": 24, "pool": "token", "representation_size": 64}
+    loaded = transfer.build_model(plan.source, "pretrained", seed=0)
+    torch.testing.assert_close(loaded.state_dict()["representation.weight"], vit.state_dict()["representation.weight"])
+    assert 0.0 <= transfer.execute(plan.specs()[0])["test_accuracy"] <= 1.0  # representation dropped, new head
+
+    with pytest.raises(ConfigError, match=r"checkpoint_representation_size=32: .* has a 64-wide pre-logits layer"):
+        transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4", "checkpoint_representation_size=32"]))
