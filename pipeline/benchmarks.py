@@ -134,6 +134,19 @@ class Benchmark(pydantic.BaseModel, extra="forbid", frozen=True):
         return [" ".join(["python jobs/prepare_data.py", *args, "--out", out]) for args in self.prepare_args]
 
 
+# Table 2's largest models were fine-tuned at a higher resolution than Table 4's 384 px (paper, section 4.2).
+HIGH_RES_FINETUNE = {"L/16": 512, "H/14": 518}
+
+
+def finetune_resolution(b: Benchmark, variant: str) -> int:
+    """A benchmark's default fine-tuning resolution for a model: its recipe's (Table 4's 384 px for the paper's
+    benchmarks and VTAB), except the paper's higher one for ViT-L/16 and H/14 there (384 is not even a multiple of
+    14). Embedded benchmarks keep their own small size."""
+    if b.suite == "embedded":
+        return b.recipe.resolution
+    return HIGH_RES_FINETUNE.get(variant, b.recipe.resolution)
+
+
 def _paper(name: str, classes: int, steps: int, lrs: tuple[float, ...], warmup: int, **extra) -> Benchmark:
     # 384 px, batch 512, SGD 0.9, clip 1 (Table 4). The paper gives no warmup length ("short warmup"); ours is
     # our choice. One GPU per run; set micro_batch_size for big models so a 512 batch fits.

@@ -598,9 +598,16 @@ def plan_sweep(cfg: TransferConfig) -> SweepPlan:
         for name in cfg.benchmark_recipes
         if name not in names
     ]
+    try:
+        source = resolve_pretrained(cfg)
+    except ConfigError as exc:
+        problems += exc.problems
+        source = None
     plans: list[BenchmarkPlan] = []
     for b in chosen:
         changes = {**cfg.recipe, **cfg.benchmark_recipes.get(b.name, {})}
+        if source is not None and "resolution" not in changes:
+            changes["resolution"] = bench.finetune_resolution(b, source.spec["variant"])
         try:
             recipe = bench.Recipe.model_validate({**b.recipe.model_dump(), **changes})
         except pydantic.ValidationError as exc:
@@ -620,11 +627,6 @@ def plan_sweep(cfg: TransferConfig) -> SweepPlan:
             if storage.exists(real):  # optional: without it there is no ReaL row
                 urls["real_labels"] = real
         plans.append(BenchmarkPlan(b, recipe, urls))
-    try:
-        source = resolve_pretrained(cfg)
-    except ConfigError as exc:
-        problems += exc.problems
-        source = None
     if source is not None:
         problems += _check_resolutions(source, plans)
     if problems:

@@ -89,3 +89,12 @@ def test_bad_recipes_are_rejected_with_the_field_name(change, message):
 def test_registering_a_benchmark_refuses_to_shadow_an_existing_one():
     with pytest.raises(ValueError, match="already registered"):
         benchmarks.register(REGISTRY["lfw"])
+
+
+def test_large_models_fine_tune_at_the_papers_higher_resolution_on_paper_benchmarks_only():
+    res = benchmarks.finetune_resolution
+    assert res(REGISTRY["cifar10"], "B/16") == 384
+    assert res(REGISTRY["cifar10"], "L/16") == 512
+    assert res(REGISTRY["imagenet"], "H/14") == 518  # 384 is not a multiple of 14
+    assert res(REGISTRY["vtab/dtd"], "H/14") == 518
+    assert res(REGISTRY["digits_heldout"], "H/14") == REGISTRY["digits_heldout"].recipe.resolution

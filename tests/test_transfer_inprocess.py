@@ -135,3 +135,28 @@ def test_an_npz_with_a_pre_logits_layer_is_described_by_its_own_headers(data_roo
 
     with pytest.raises(ConfigError, match=r"checkpoint_representation_size=32: .* has a 64-wide pre-logits layer"):
         transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4", "checkpoint_representation_size=32"]))
+
+
+def test_the_fine_tuning_resolution_follows_the_model_unless_set(data_root, checkpoint, monkeypatch, tmp_path):
+    from pipeline import benchmarks as bench
+    from pipeline import storage
+
+    _, url = checkpoint
+    # A paper-suite benchmark on the digits shards, and Mi/4 treated like the paper's large models (as L/16 -> 512).
+    paperlike = bench.REGISTRY["digits_heldout"].model_copy(update={"name": "digits_paperlike", "suite": "paper"})
+    bench.register(paperlike, replace=True)
+    monkeypatch.setitem(bench.HIGH_RES_FINETUNE, "Mi/4", 20)
+    root = f"file://{tmp_path}"
+    for name in ("digits_heldout", "digits_paperlike"):
+        storage.download_dir(f"{data_root}/digits_heldout", tmp_path / name)
+    try:
+        fields = {"pretrained": url, "benchmarks": ["digits_heldout", "digits_paperlike"], "data_root": root}
+        no_resolution = [s for s in FAST if not s.startswith("resolution=")]
+        plan = transfer.plan_sweep(transfer.build_config(fields, [*no_resolution, "variant=Mi/4"]))
+        got = {p.benchmark.name: p.recipe.resolution for p in plan.benchmarks}
+        assert got == {"digits_heldout": bench.REGISTRY["digits_heldout"].recipe.resolution, "digits_paperlike": 20}
+
+        plan = transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4"]))  # resolution=24 set
+        assert {p.recipe.resolution for p in plan.benchmarks} == {24}
+    finally:
+        del bench.REGISTRY["digits_paperlike"]
