@@ -370,7 +370,8 @@ def predict(
     device: torch.device,
     crop_fraction: float | None = None,
 ):
-    """Predicted classes and labels of one full pass over a split (the recipe's eval transform)."""
+    """Predicted classes and labels of one full pass over a split (the recipe's eval transform), and how many of
+    its samples were unreadable and left out (the loader skips and counts them)."""
     from pipeline.data import build_eval_loader, normalize
 
     vit.eval()
@@ -383,7 +384,7 @@ def predict(
         labels.append(targets)
     if not preds:
         raise ValueError(f"{url}: the split holds no readable images")
-    return torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    return torch.cat(preds).numpy(), torch.cat(labels).numpy(), sum(loader.bad_by_shard.values())
 
 
 def real_accuracy(predictions: np.ndarray, real_labels: list[list[int]]) -> float:
@@ -441,7 +442,7 @@ def finetune(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, 
     def evaluate(step: int) -> dict[str, float]:
         out = {}
         for split in ("minival", "test"):
-            preds, labels = predict(
+            preds, labels, bad = predict(
                 vit,
                 spec.urls[split],
                 image_size=recipe.resolution,
@@ -450,8 +451,15 @@ def finetune(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, 
                 crop_fraction=recipe.eval_crop_fraction,
             )
             out[f"{split}_accuracy"] = float((preds == labels).mean())
+            if bad:
+                # The accuracy is over the readable images only: say so next to it rather than fail 20k steps late.
+                out[f"{split}_bad_samples"] = float(bad)
+                log.warning("%s: %d unreadable %s images left out of its accuracy", spec.name, bad, split)
             if split == "test" and real is not None:
-                out["real_accuracy"] = real_accuracy(preds, real)
+                if bad:  # ReaL labels are matched by position: with images missing they would be misaligned
+                    log.warning("%s: no ReaL accuracy, %d test images were unreadable", spec.name, bad)
+                else:
+                    out["real_accuracy"] = real_accuracy(preds, real)
         sink(out, step)
         vit.train()
         return out
@@ -626,6 +634,7 @@ def plan_sweep(cfg: TransferConfig) -> SweepPlan:
             real = b.real_labels_url(root)
             if storage.exists(real):  # optional: without it there is no ReaL row
                 urls["real_labels"] = real
+                problems += _check_real_labels(b, real, urls["test"])
         plans.append(BenchmarkPlan(b, recipe, urls))
     if source is not None:
         problems += _check_resolutions(source, plans)
@@ -669,6 +678,26 @@ def _check_benchmark_data(b: bench.Benchmark, urls: dict[str, str], root: str, *
                     min_per_class,
                 )
     return problems
+
+
+def _check_real_labels(b: bench.Benchmark, real_url: str, test_url: str) -> list[str]:
+    """ReaL labels are matched to test images by position: a list of another length would fail every run at its
+    first evaluation, after training."""
+    from pipeline.data import DataError, read_manifest
+
+    try:
+        real = storage.read_json(real_url)
+        expected = read_manifest(test_url).get("num_samples")
+    except (DataError, storage.StorageError, OSError, ValueError) as exc:
+        return [f"benchmark {b.name!r}: {real_url} is unreadable ({exc}); rewrite it or remove it (no ReaL row)"]
+    if not isinstance(real, list) or not all(isinstance(labels, list) for labels in real):
+        return [f"benchmark {b.name!r}: {real_url} must be a JSON list with one list of labels per test image"]
+    if expected is not None and len(real) != expected:
+        return [
+            f"benchmark {b.name!r}: {real_url} lists {len(real)} images but the test split has {expected}; "
+            "the labels must be in test-split order, one list per image"
+        ]
+    return []
 
 
 def _check_resolutions(source: ModelSource, plans: list[BenchmarkPlan]) -> list[str]:
@@ -745,8 +774,11 @@ def summarise(outcomes: list[RunOutcome], plan: SweepPlan, init: str) -> tuple[d
                     o.metrics["minival_accuracy"] for o in runs
                 )
             if "real_labels" in p.urls:
-                reals = [o.metrics["real_accuracy"] for o in best]
-                put(f"{name}_real", statistics.mean(reals), _std(reals), schema.STATUS_OK)
+                reals = [o.metrics["real_accuracy"] for o in best if "real_accuracy" in o.metrics]
+                if reals:
+                    put(f"{name}_real", statistics.mean(reals), _std(reals), schema.STATUS_OK)
+                else:
+                    put(f"{name}_real", None, None, "unreadable test images")
         else:
             put(name, None, None, schema.STATUS_FAILED)
             errors = [o.error for o in tuned if o.error]

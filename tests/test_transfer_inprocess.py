@@ -160,3 +160,58 @@ def test_the_fine_tuning_resolution_follows_the_model_unless_set(data_root, chec
         assert {p.recipe.resolution for p in plan.benchmarks} == {24}
     finally:
         del bench.REGISTRY["digits_paperlike"]
+
+
+@pytest.fixture
+def digits_with_real(data_root, tmp_path):
+    """digits_heldout registered as a benchmark with ReaL-style labels (here: each test image's own label)."""
+    import json
+
+    from pipeline import benchmarks as bench
+    from pipeline import storage
+    from pipeline.data import build_eval_loader
+
+    b = bench.REGISTRY["digits_heldout"].model_copy(update={"name": "digits_real", "real_labels": True})
+    bench.register(b, replace=True)
+    storage.download_dir(f"{data_root}/digits_heldout", tmp_path / "digits_real")
+    test = f"file://{tmp_path}/digits_real/test.manifest.json"
+    labels = [int(y) for _, ys in build_eval_loader(test, image_size=8, batch_size=64, crop_fraction=None) for y in ys]
+    (tmp_path / "digits_real" / "real_labels.json").write_text(json.dumps([[y] for y in labels]))
+    yield f"file://{tmp_path}", tmp_path / "digits_real"
+    del bench.REGISTRY["digits_real"]
+
+
+def test_real_labels_are_checked_at_planning_and_withheld_when_test_images_are_unreadable(checkpoint, digits_with_real):
+    import io
+    import json
+    import tarfile
+
+    _, url = checkpoint
+    root, folder = digits_with_real
+    fields = {"pretrained": url, "benchmarks": ["digits_real"], "data_root": root}
+    sets = [*FAST, "variant=Mi/4"]
+    tuned = transfer.execute(transfer.plan_sweep(transfer.build_config(fields, sets)).specs()[0])
+    assert tuned["real_accuracy"] == pytest.approx(tuned["test_accuracy"])  # ReaL labels = the labels here
+    assert "test_bad_samples" not in tuned
+
+    real_file = folder / "real_labels.json"
+    good_labels = real_file.read_text()
+    real_file.write_text(json.dumps(json.loads(good_labels)[:-1]))
+    with pytest.raises(ConfigError, match=r"real_labels.json lists \d+ images but the test split has \d+"):
+        transfer.plan_sweep(transfer.build_config(fields, sets))
+    real_file.write_text(good_labels)
+
+    # One test image's bytes turn to garbage: the accuracy says it stands on one image fewer, ReaL is withheld.
+    shard = folder / "test-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        spoiled = False
+        for member, data in members:
+            if member.name.endswith(".jpg") and not spoiled:
+                data, spoiled = b"not a jpeg" * 10, True
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    tuned = transfer.execute(transfer.plan_sweep(transfer.build_config(fields, sets)).specs()[0])
+    assert tuned["test_bad_samples"] == 1
+    assert "real_accuracy" not in tuned

@@ -127,3 +127,13 @@ def test_set_values_are_typed_and_route_to_config_recipe_or_one_benchmark():
     assert fields["recipe"] == {"steps": 50, "lrs": [0.01]}
     assert fields["benchmark_recipes"] == {"pets": {"lrs": [0.003, 0.01]}}
     assert fields["data_root"] == "gs://b/r" and fields["scratch"] is True and fields["fewshot"] == [5]
+
+
+def test_runs_without_real_accuracy_leave_a_marked_real_row_and_keep_the_plain_one():
+    plan = _plan(["cifar10"], real=True)
+    outcomes = [_outcome(plan, "cifar10", lr, 0, 0.5 + lr, 0.6) for lr in plan.benchmarks[0].recipe.lrs]
+    metrics, tags = transfer.summarise(outcomes, plan, "pretrained")
+    assert metrics[cmp.value_key("cifar10")] == 0.6
+    assert tags[cmp.status_tag("cifar10")] == cmp.STATUS_OK
+    assert tags[cmp.status_tag("cifar10_real")] == "unreadable test images"
+    assert cmp.value_key("cifar10_real") not in metrics
