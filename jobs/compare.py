@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from mlflow.exceptions import MlflowException
+
     from pipeline.compare import compare
     from pipeline.config import default_tracking_uri, home_dir
 
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             paper_rows=args.paper_rows,
             log_run=not args.no_log,
         )
-    except ValueError as exc:
+    except (ValueError, MlflowException) as exc:  # e.g. a run id that is not in this tracking store
         print(f"compare: {exc}", file=sys.stderr)
         return 2
     print(result.table.to_markdown())

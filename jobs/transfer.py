@@ -62,12 +62,17 @@ def main(argv: list[str] | None = None) -> int:
         "model_label": args.label,
         "ray_address": args.address,
     }
-    if args.fewshot:
-        fields["fewshot"] = [int(k) for k in args.fewshot.split(",") if k.strip()]
     optional = {"fewshot_seeds": args.fewshot_seeds, "tracking_uri": args.tracking_uri, "experiment": args.experiment}
     fields |= {k: v for k, v in optional.items() if v is not None}
     # parse -> validate (benchmarks, recipes, shards, the pretrained model): all before Ray starts.
     try:
+        if args.fewshot:
+            try:
+                fields["fewshot"] = [int(k) for k in args.fewshot.split(",") if k.strip()]
+            except ValueError:
+                raise ConfigError(
+                    [f"--fewshot {args.fewshot!r}: give shot counts as integers, e.g. 1,5,10,25"]
+                ) from None
         cfg = transfer.build_config(fields, args.sets)
         plan = transfer.plan_sweep(cfg)
     except (ConfigError, ValueError) as exc:
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     try:
-        result = transfer.run_sweep(cfg)
+        result = transfer.run_sweep(cfg, plan=plan)
     except ConfigError as exc:  # e.g. the cluster cannot fit a run's resource request
         print(f"transfer: {exc}", file=sys.stderr)
         return 2

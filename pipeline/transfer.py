@@ -885,7 +885,9 @@ def _parent_tags(plan: SweepPlan, init: str, label: str) -> dict[str, str]:
     }
 
 
-def run_sweep(cfg: TransferConfig | None = None, *, sets: Sequence[str] = (), **fields: Any) -> SweepResult:
+def run_sweep(
+    cfg: TransferConfig | None = None, *, plan: SweepPlan | None = None, sets: Sequence[str] = (), **fields: Any
+) -> SweepResult:
     """Fine-tune (and few-shot evaluate) one pretrained model on the configured benchmarks; returns the run ids.
 
     Either pass a TransferConfig or its fields as keywords (plus ``sets``, the ``--set key=value`` strings).
@@ -896,7 +898,7 @@ def run_sweep(cfg: TransferConfig | None = None, *, sets: Sequence[str] = (), **
     from pipeline.tracking import experiment_id_for
 
     cfg = cfg if cfg is not None else build_config(fields, sets)
-    plan = plan_sweep(cfg)
+    plan = plan if plan is not None else plan_sweep(cfg)  # a caller that printed the plan passes it: checked once
     specs = plan.specs()
     _connect_ray(cfg)
     check_resources(specs, can_grow=_joined_a_cluster(cfg))

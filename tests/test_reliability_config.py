@@ -307,6 +307,24 @@ def _job_cases(data_dirs: dict[str, str]) -> list[tuple[str, list[str], dict[str
                 60,
             )
         )
+        cases.append(
+            (
+                "jobs/transfer.py",
+                ["--pretrained", "x", "--benchmarks", "digits_heldout", "--fewshot", "1,five"],
+                {},
+                ["--fewshot '1,five': give shot counts as integers"],
+                60,
+            )
+        )
+        cases.append(
+            (
+                "jobs/compare.py",
+                ["--runs", "0" * 32, "--tracking-uri", f"sqlite:///{data_dirs['ok'][len('file://') :]}/mlflow.db"],
+                {},
+                ["compare: ", "0" * 32],
+                60,
+            )
+        )
     return cases
 
 
