@@ -29,13 +29,15 @@ def _jpeg(i: int, size: int = 16) -> bytes:
     return simplejpeg.encode_jpeg(pixels, quality=90)
 
 
-def write_set(url: str, *, shards: int, per_shard: int, split: str = "train") -> list[str]:
+def write_set(
+    url: str, *, shards: int, per_shard: int, split: str = "train", key_prefix: str = "s", classes: int = NUM_CLASSES
+) -> list[str]:
     """A shard set with a manifest, like prepare_data.py writes; returns the keys."""
     writer = ShardWriter(url, split, max_bytes=1 << 30, max_samples=per_shard)
     keys = []
     for i in range(shards * per_shard):
-        key = f"s{i:05d}"
-        writer.write(key, _jpeg(i), i % NUM_CLASSES)
+        key = f"{key_prefix}{i:05d}"
+        writer.write(key, _jpeg(i), i % classes)
         keys.append(key)
     records = writer.close()
     storage.write_json(
@@ -44,8 +46,9 @@ def write_set(url: str, *, shards: int, per_shard: int, split: str = "train") ->
             "format": "vitpipe-webdataset/1",
             "split": split,
             "num_samples": len(keys),
-            "num_classes": NUM_CLASSES,
-            "class_names": [f"c{i}" for i in range(NUM_CLASSES)],
+            "num_classes": classes,
+            "class_names": [f"c{i}" for i in range(classes)],
+            "class_counts": [sum(1 for j in range(len(keys)) if j % classes == c) for c in range(classes)],
             "shards": [{"name": r.name, "samples": r.samples, "bytes": r.bytes, "sha256": r.sha256} for r in records],
         },
     )
@@ -296,3 +299,23 @@ def test_eval_loader_sees_every_sample_once_across_ranks_in_stored_order(gcs_set
         assert again == [b.keys for b in batches]  # deterministic
         seen += [k for b in batches for k in b.keys]
     assert sorted(seen) == sorted(keys)
+
+
+def test_splits_joined_with_double_colons_are_read_as_one_set(tmp_path):
+    """What the transfer job's final runs train on: a benchmark's train and minival splits together."""
+    base = f"file://{tmp_path}"
+    train_keys = write_set(f"{base}/bench", shards=2, per_shard=5)
+    minival_keys = write_set(f"{base}/bench", shards=1, per_shard=4, split="minival", key_prefix="m")
+    both = f"{base}/bench/train.manifest.json :: {base}/bench/minival.manifest.json"
+    cfg = DataConfig(train=both, image_size=8, workers=0, shuffle_buffer=4)
+
+    info = check_data(cfg, world_size=1)
+    assert (info.num_shards, info.num_samples, info.num_classes) == (3, 14, NUM_CLASSES)
+    loader = build_train_loader(cfg, batch_size=2, rank=0, world_size=1)
+    assert loader.samples_per_epoch == 14
+    assert Counter(_first_epoch_keys(cfg, rank=0, world_size=1, batch_size=2)) == Counter(train_keys + minival_keys)
+
+    write_set(f"{base}/other", shards=1, per_shard=3, classes=3)
+    mixed = DataConfig(train=f"{base}/bench/train.manifest.json::{base}/other/train.manifest.json", image_size=8)
+    with pytest.raises(DataError, match=r"other/train.manifest.json has other classes .* only splits of one dataset"):
+        check_data(mixed, world_size=1)

@@ -14,9 +14,18 @@ class DataError(ValueError):
     """A data problem the user must fix (missing shards, too few shards, corrupt data past the threshold...)."""
 
 
+# Several sources read as one (e.g. a benchmark's train and minival splits), as in WebDataset's URL lists.
+SOURCE_SEPARATOR = "::"
+
+
+def split_sources(url: str) -> list[str]:
+    """The sources of a data URL: one, or several joined with ``::``."""
+    return [part.strip() for part in url.split(SOURCE_SEPARATOR)]
+
+
 def _check_data_url(url: str, field_name: str) -> str:
     try:
-        return storage.check_url(url, field=field_name)
+        return SOURCE_SEPARATOR.join(storage.check_url(part, field=field_name) for part in split_sources(url))
     except storage.UnsupportedURLError as exc:
         raise ValueError(str(exc)) from None
 
@@ -25,7 +34,8 @@ class DataConfig(pydantic.BaseModel, extra="forbid", frozen=False):
     """Where the training images come from and how they are turned into batches.
 
     ``train``/``eval`` are either a shard URL pattern with braces (``gs://b/data/train-{000000..000127}.tar``)
-    or the URL of a manifest written by ``jobs/prepare_data.py`` (``gs://b/data/train.manifest.json``).
+    or the URL of a manifest written by ``jobs/prepare_data.py`` (``gs://b/data/train.manifest.json``), or several
+    of those joined with ``::``, read as one set (manifests must then agree on the classes).
     """
 
     train: str

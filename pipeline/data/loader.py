@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import storage
 from pipeline.data import shards as shardlib
-from pipeline.data.config import DataConfig, DataError, DataInfo
+from pipeline.data.config import DataConfig, DataError, DataInfo, split_sources
 from pipeline.data.transforms import (
     AUG_DRAWS,
     EVAL_CROP_FRACTION,
@@ -62,7 +62,33 @@ LOG_INTERVAL_S = 30.0
 
 
 def _resolve(url: str) -> tuple[list[str], dict[str, Any] | None]:
-    """Shard URLs and the manifest (None for a brace pattern)."""
+    """Shard URLs and the manifest (None for a brace pattern); several ``::``-joined sources are read as one."""
+    sources = [_resolve_one(part) for part in split_sources(url)]
+    if len(sources) == 1:
+        return sources[0]
+    urls = [u for source_urls, _ in sources for u in source_urls]
+    manifests = [manifest for _, manifest in sources]
+    if any(m is None for m in manifests):
+        return urls, None  # a brace pattern among them: nothing is known about the whole
+    first = manifests[0]
+    for part, m in zip(split_sources(url)[1:], manifests[1:], strict=True):
+        if m["num_classes"] != first["num_classes"] or m.get("class_names") != first.get("class_names"):
+            raise DataError(
+                f"{part} has other classes ({m['num_classes']}: {m.get('class_names')}) than "
+                f"{split_sources(url)[0]} ({first['num_classes']}: {first.get('class_names')}); only splits of "
+                "one dataset can be read as one"
+            )
+    counts = [m.get("class_counts") for m in manifests]
+    merged = {
+        **first,
+        "shard_urls": urls,
+        "num_samples": sum(m["num_samples"] for m in manifests),
+        "class_counts": [sum(c) for c in zip(*counts, strict=True)] if all(counts) else None,
+    }
+    return urls, merged
+
+
+def _resolve_one(url: str) -> tuple[list[str], dict[str, Any] | None]:
     try:
         if shardlib.is_manifest_url(url):
             manifest = shardlib.read_manifest(url)
