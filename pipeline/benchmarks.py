@@ -49,6 +49,10 @@ class Recipe(pydantic.BaseModel, extra="forbid", frozen=True):
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # global gradient-norm clip
     seeds: int = 1  # runs per learning rate; >1 for low-data benchmarks, where the spread matters
+    # The paper's protocol (appendix B.1.1): the learning rate is chosen on minival, then trained again on
+    # train + minival (one run per seed) and those runs' test accuracy is reported. With one learning rate there
+    # is nothing to choose and only those runs are made. False: report the selection runs' test accuracy.
+    refit: bool = True
     eval_every: int = 0  # evaluate minival/test every this many steps (0: only at the end)
     micro_batch_size: int | None = None  # split each batch into micro-batches (gradient accumulation) to fit memory
     # Training augmentation: Inception crop covering this fraction of the image area, and horizontal flips.
@@ -185,7 +189,7 @@ VTAB_GROUPS = ("natural", "specialized", "structured")
 def _vtab(task: str) -> Benchmark:
     classes, group = VTAB_TASKS[task]
     # One setting for all 19 tasks (paper, appendix B.1.1): lr 0.01, 2500 steps, chosen on the 200-example
-    # minival splits. Warmup is our choice.
+    # minival splits, so the runs train on all 1000 examples (800 train + 200 minival). Warmup is our choice.
     recipe = Recipe(resolution=384, steps=2500, warmup_steps=200, batch_size=512, lrs=(0.01,), num_gpus=1.0)
     return Benchmark(name=f"vtab/{task}", num_classes=classes, recipe=recipe, suite="vtab", group=group)
 
@@ -198,6 +202,8 @@ def _embedded() -> list[Benchmark]:
     # and with 10 images per class a zoomed-in training view is a different task. Same 32 px as the demo's
     # pretraining. lfw is fine-tuned at 40 px while the demo pretrains at 32 px, so position-embedding resampling
     # is exercised as in the paper's 224 -> 384.
+    # No refit: digits_heldout's minival is larger than its 10-per-class training set, and folding it in would
+    # change what the low-data benchmark measures; lfw follows, which keeps the demo short.
     digits = Recipe(
         resolution=32,
         steps=100,
@@ -208,8 +214,11 @@ def _embedded() -> list[Benchmark]:
         eval_every=50,
         crop_scale=(0.8, 1.0),
         flip=False,
+        refit=False,
     )
-    faces = Recipe(resolution=40, steps=100, warmup_steps=10, batch_size=16, lrs=(0.01, 0.03), eval_every=50)
+    faces = Recipe(
+        resolution=40, steps=100, warmup_steps=10, batch_size=16, lrs=(0.01, 0.03), eval_every=50, refit=False
+    )
     # The low-data protocol: 10 labelled training images per class, but the full held-out minival and test splits.
     digits_prepare = ("--source", "digits", "--classes", "5-9")
     return [

@@ -323,6 +323,9 @@ class RunSpec:
     urls: dict[str, str]  # train / minival / test manifests, and real_labels when the benchmark has them
     lr: float = 0.0
     seed: int = 0
+    # "select": trained on train, evaluated on minival (to choose the learning rate) and test. "final": the chosen
+    # learning rate trained again on train + minival, evaluated on test (recipe.refit, the paper's protocol).
+    stage: Literal["select", "final"] = "select"
     shots: tuple[int, ...] = ()
     fewshot_seeds: int = 3
     num_gpus: float = 0.0
@@ -334,7 +337,8 @@ class RunSpec:
     def name(self) -> str:
         if self.kind == "fewshot":
             return f"{self.benchmark} fewshot [{self.init}]"
-        return f"{self.benchmark} lr={self.lr:g} seed={self.seed} [{self.init}]"
+        final = " final" if self.stage == "final" else ""
+        return f"{self.benchmark} lr={self.lr:g} seed={self.seed}{final} [{self.init}]"
 
     def params(self) -> dict[str, Any]:
         recipe = self.recipe.model_dump(mode="json")
@@ -342,7 +346,8 @@ class RunSpec:
         out["pretrained_uri"] = self.source.uri
         out["num_classes"] = self.num_classes
         if self.kind == "finetune":
-            out |= {"lr": self.lr, "seed": self.seed, **{k: v for k, v in recipe.items() if k != "lrs"}}
+            out |= {"lr": self.lr, "seed": self.seed, "stage": self.stage}
+            out |= {k: v for k, v in recipe.items() if k != "lrs"}
         else:
             out |= {"shots": ",".join(map(str, self.shots)), "fewshot_seeds": self.fewshot_seeds}
         return out
@@ -412,6 +417,7 @@ def finetune(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, 
     accumulate to the recipe's batch.
     """
     from pipeline.data import DataConfig, build_train_loader, normalize
+    from pipeline.data.config import SOURCE_SEPARATOR
 
     sink = log_metrics or (lambda metrics, step: None)
     recipe = spec.recipe
@@ -426,8 +432,9 @@ def finetune(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, 
     # Built after the head and position-embedding changes: those replace parameters.
     optimizer = torch.optim.SGD(vit.parameters(), lr=0.0, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     micro = recipe.micro_batch_size or recipe.batch_size
+    refit = spec.stage == "final"  # trains on train + minival, so it is evaluated on test only
     data = DataConfig(
-        train=spec.urls["train"],
+        train=f"{spec.urls['train']} {SOURCE_SEPARATOR} {spec.urls['minival']}" if refit else spec.urls["train"],
         image_size=recipe.resolution,
         workers=spec.loader_workers,
         crop_scale=recipe.crop_scale,
@@ -441,7 +448,7 @@ def finetune(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, 
 
     def evaluate(step: int) -> dict[str, float]:
         out = {}
-        for split in ("minival", "test"):
+        for split in ("test",) if refit else ("minival", "test"):
             preds, labels, bad = predict(
                 vit,
                 spec.urls[split],
@@ -569,29 +576,61 @@ class SweepPlan:
     benchmarks: list[BenchmarkPlan]
     inits: list[str]
 
-    def specs(self) -> list[RunSpec]:
+    def _run(self, p: BenchmarkPlan, init: str, **fields: Any) -> RunSpec:
         cfg = self.cfg
+        return RunSpec(
+            benchmark=p.benchmark.name,
+            num_classes=p.benchmark.num_classes,
+            recipe=p.recipe,
+            init=init,  # type: ignore[arg-type]
+            source=self.source,
+            urls=p.urls,
+            num_gpus=p.recipe.num_gpus if cfg.num_gpus is None else cfg.num_gpus,
+            loader_workers=cfg.loader_workers,
+            tracking_uri=cfg.tracking_uri,
+            **fields,
+        )
+
+    def benchmark(self, name: str) -> BenchmarkPlan:
+        return next(p for p in self.benchmarks if p.benchmark.name == name)
+
+    def specs(self) -> list[RunSpec]:
+        """The runs that can start at once. A refit benchmark with several learning rates gets its final runs
+        (`final_specs`) only when its selection runs are done; with one learning rate they are all it gets."""
         out = []
         for init in self.inits:
             for p in self.benchmarks:
-                gpus = p.recipe.num_gpus if cfg.num_gpus is None else cfg.num_gpus
-                common = dict(
-                    benchmark=p.benchmark.name,
-                    num_classes=p.benchmark.num_classes,
-                    recipe=p.recipe,
-                    init=init,
-                    source=self.source,
-                    urls=p.urls,
-                    num_gpus=gpus,
-                    loader_workers=cfg.loader_workers,
-                    tracking_uri=cfg.tracking_uri,
-                )
-                if cfg.fewshot:
-                    out.append(RunSpec(kind="fewshot", shots=cfg.fewshot, fewshot_seeds=cfg.fewshot_seeds, **common))
+                if self.cfg.fewshot:
+                    out.append(
+                        self._run(p, init, kind="fewshot", shots=self.cfg.fewshot, fewshot_seeds=self.cfg.fewshot_seeds)
+                    )
+                if p.recipe.refit and len(p.recipe.lrs) == 1:
+                    out += self.final_specs(p.benchmark.name, init, p.recipe.lrs[0])
+                    continue
                 for lr in p.recipe.lrs:
                     for seed in range(p.recipe.seeds):
-                        out.append(RunSpec(kind="finetune", lr=lr, seed=seed, **common))
+                        out.append(self._run(p, init, kind="finetune", lr=lr, seed=seed))
         return out
+
+    def final_specs(self, benchmark: str, init: str, lr: float) -> list[RunSpec]:
+        p = self.benchmark(benchmark)
+        return [self._run(p, init, kind="finetune", lr=lr, seed=seed, stage="final") for seed in range(p.recipe.seeds)]
+
+    def selection_runs(self, benchmark: str) -> int:
+        """Selection runs per init (0 when there is only one learning rate to refit with)."""
+        recipe = self.benchmark(benchmark).recipe
+        return 0 if recipe.refit and len(recipe.lrs) == 1 else len(recipe.lrs) * recipe.seeds
+
+
+def choose_lr(outcomes: list[RunOutcome], lrs: Sequence[float]) -> float | None:
+    """The learning rate with the best mean minival accuracy over its finished selection runs (ties: the first in
+    the sweep's order); None when none finished. Test accuracy plays no part."""
+    by_lr: dict[float, list[float]] = {}
+    for o in outcomes:
+        if o.status == "FINISHED" and o.spec.kind == "finetune" and o.spec.stage == "select":
+            by_lr.setdefault(o.spec.lr, []).append(o.metrics["minival_accuracy"])
+    tried = [lr for lr in lrs if lr in by_lr]
+    return max(tried, key=lambda lr: statistics.mean(by_lr[lr])) if tried else None
 
 
 def plan_sweep(cfg: TransferConfig) -> SweepPlan:
@@ -724,12 +763,6 @@ class RunOutcome:
     error: str | None = None
 
 
-@dataclass
-class BenchmarkSummary:
-    rows: dict[str, tuple[float | None, float | None, str]]  # row -> (mean, std, status)
-    extra: dict[str, float]  # best_lr, minival accuracy...
-
-
 def _std(values: list[float]) -> float | None:
     # Sample std over seeds; none for one seed (a single run shows no spread).
     return statistics.stdev(values) if len(values) > 1 else None
@@ -754,27 +787,35 @@ def summarise(outcomes: list[RunOutcome], plan: SweepPlan, init: str) -> tuple[d
         name = p.benchmark.name
         mine = [o for o in outcomes if o.spec.benchmark == name and o.spec.init == init]
         tuned = [o for o in mine if o.spec.kind == "finetune"]
+        selected = [o for o in tuned if o.status == "FINISHED" and o.spec.stage == "select"]
         by_lr: dict[float, list[RunOutcome]] = {}
-        for o in tuned:
-            if o.status == "FINISHED":
-                by_lr.setdefault(o.spec.lr, []).append(o)
-        if by_lr:
-            # Best learning rate by mean minival accuracy over its seeds; ties go to the first in the sweep.
-            tried = [lr for lr in p.recipe.lrs if lr in by_lr]  # sweep order, not completion order
-            best_lr = max(tried, key=lambda lr: statistics.mean(o.metrics["minival_accuracy"] for o in by_lr[lr]))
-            best = by_lr[best_lr]
-            tests = [o.metrics["test_accuracy"] for o in best]
+        for o in selected:
+            by_lr.setdefault(o.spec.lr, []).append(o)
+        best_lr = choose_lr(selected, p.recipe.lrs)
+        if p.recipe.refit:
+            # The paper's protocol: the chosen learning rate retrained on train + minival; with a single learning
+            # rate there was nothing to choose and only those runs exist.
+            reported = [o for o in tuned if o.status == "FINISHED" and o.spec.stage == "final"]
+            best_lr = best_lr if by_lr else (p.recipe.lrs[0] if len(p.recipe.lrs) == 1 else None)
+        else:
+            reported = by_lr.get(best_lr, []) if best_lr is not None else []
+        if reported:
+            tests = [o.metrics["test_accuracy"] for o in reported]
             put(name, statistics.mean(tests), _std(tests), schema.STATUS_OK)
             test_acc[name] = statistics.mean(tests)
-            metrics[f"{name}/best_lr"] = best_lr
-            metrics[f"{name}/minival_accuracy"] = statistics.mean(o.metrics["minival_accuracy"] for o in best)
-            metrics[f"{name}/seeds"] = len(best)
+            metrics[f"{name}/seeds"] = len(reported)
+            if best_lr is not None:
+                metrics[f"{name}/best_lr"] = best_lr
+            if best_lr in by_lr:
+                metrics[f"{name}/minival_accuracy"] = statistics.mean(
+                    o.metrics["minival_accuracy"] for o in by_lr[best_lr]
+                )
             for lr, runs in by_lr.items():
                 metrics[f"{name}/lr_{lr:g}/minival_accuracy"] = statistics.mean(
                     o.metrics["minival_accuracy"] for o in runs
                 )
             if "real_labels" in p.urls:
-                reals = [o.metrics["real_accuracy"] for o in best if "real_accuracy" in o.metrics]
+                reals = [o.metrics["real_accuracy"] for o in reported if "real_accuracy" in o.metrics]
                 if reals:
                     put(f"{name}_real", statistics.mean(reals), _std(reals), schema.STATUS_OK)
                 else:
@@ -916,15 +957,19 @@ def run_sweep(
         client.set_tag(parents["scratch"], schema.BASELINE_FOR_TAG, parents["pretrained"])
 
     outcomes: list[RunOutcome] = []
+    remote = ray.remote(_ray_task)
+    pending: dict[Any, RunSpec] = {}
+    submitted: list[RunSpec] = []  # with their MLflow child run ids
+
+    def submit(new: list[RunSpec]) -> None:
+        created = [_create_child(client, exp_id, parents[s.init], s) for s in new]
+        submitted.extend(created)
+        for s in created:
+            options = dict(num_cpus=s.recipe.num_cpus, num_gpus=s.num_gpus, max_retries=cfg.max_retries, name=s.name)
+            pending[remote.options(**options).remote(s)] = s
+
     try:
-        specs = [_create_child(client, exp_id, parents[s.init], s) for s in specs]
-        remote = ray.remote(_ray_task)
-        pending = {
-            remote.options(
-                num_cpus=s.recipe.num_cpus, num_gpus=s.num_gpus, max_retries=cfg.max_retries, name=s.name
-            ).remote(s): s
-            for s in specs
-        }
+        submit(specs)
         log.info("submitted %d transfer runs to Ray", len(pending))
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -942,10 +987,11 @@ def run_sweep(
                 client.set_terminated(spec.run_id, "FINISHED")
                 log.info("finished %s: %s", spec.name, _short(metrics))
             outcomes.append(outcome)
+            submit(_final_runs_due(plan, outcomes, spec))
     except BaseException:
         # Interrupted driver: what did not finish is recorded as killed, not left RUNNING forever.
         finished = {o.spec.run_id for o in outcomes}
-        for s in specs:
+        for s in submitted:
             if s.run_id and s.run_id not in finished:
                 client.set_terminated(s.run_id, "KILLED")
         for run_id in parents.values():
@@ -964,6 +1010,26 @@ def run_sweep(
         client.set_terminated(run_id, "FAILED" if all_failed else "FINISHED")
         summaries[init] = metrics
     return SweepResult(parents["pretrained"], parents.get("scratch"), outcomes, summaries)
+
+
+def _final_runs_due(plan: SweepPlan, outcomes: list[RunOutcome], last: RunSpec) -> list[RunSpec]:
+    """The final runs of ``last``'s benchmark once its last selection run is in (none if every one failed)."""
+    if last.kind != "finetune" or last.stage != "select" or not last.recipe.refit:
+        return []
+    mine = [
+        o
+        for o in outcomes
+        if o.spec.benchmark == last.benchmark and o.spec.init == last.init and o.spec.kind == "finetune"
+    ]
+    if sum(o.spec.stage == "select" for o in mine) < plan.selection_runs(last.benchmark):
+        return []
+    lr = choose_lr(mine, last.recipe.lrs)
+    if lr is None:
+        return []
+    log.info(
+        "%s [%s]: learning rate %g chosen on minival; final runs on train + minival", last.benchmark, last.init, lr
+    )
+    return plan.final_specs(last.benchmark, last.init, lr)
 
 
 def _create_child(client: Any, exp_id: str, parent_id: str, spec: RunSpec) -> RunSpec:
@@ -992,9 +1058,12 @@ def describe_plan(plan: SweepPlan) -> str:
     lines = [f"pretrained: {plan.source.label} ({plan.source.kind}: {plan.source.uri})"]
     for p in plan.benchmarks:
         r = p.recipe
+        selection = plan.selection_runs(p.benchmark.name)
+        finals = r.seeds if r.refit else 0
+        how = f"{selection} + {finals} on train+minival" if selection and finals else str(selection or finals)
         lines.append(
             f"  {p.benchmark.name}: {p.benchmark.num_classes} classes, {r.resolution}px, {r.steps} steps, "
-            f"batch {r.batch_size}, lrs {list(r.lrs)}, seeds {r.seeds} -> {len(r.lrs) * r.seeds} runs"
+            f"batch {r.batch_size}, lrs {list(r.lrs)}, seeds {r.seeds} -> {how} runs"
             + (" (x2 with scratch)" if "scratch" in plan.inits else "")
         )
     return "\n".join(lines)

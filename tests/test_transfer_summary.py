@@ -27,7 +27,7 @@ def _plan(names, *, real=False):
     return transfer.SweepPlan(cfg=cfg, source=source, benchmarks=plans, inits=["pretrained"])
 
 
-def _outcome(plan, name, lr, seed, minival, test, *, status="FINISHED", **extra):
+def _outcome(plan, name, lr, seed, minival, test, *, status="FINISHED", stage="select", **extra):
     p = next(p for p in plan.benchmarks if p.benchmark.name == name)
     spec = transfer.RunSpec(
         kind="finetune",
@@ -39,8 +39,11 @@ def _outcome(plan, name, lr, seed, minival, test, *, status="FINISHED", **extra)
         urls=p.urls,
         lr=lr,
         seed=seed,
+        stage=stage,
     )
-    metrics = {} if status == "FAILED" else {"minival_accuracy": minival, "test_accuracy": test, **extra}
+    metrics = {} if status == "FAILED" else {"test_accuracy": test, **extra}
+    if status != "FAILED" and stage == "select":  # a final run trained on minival: it is not evaluated there
+        metrics["minival_accuracy"] = minival
     return transfer.RunOutcome(spec, status, metrics, error="boom" if status == "FAILED" else None)
 
 
@@ -80,11 +83,12 @@ def test_failed_seeds_are_left_out_and_an_all_failed_benchmark_is_a_failed_row()
 def test_real_labels_give_their_own_row():
     plan = _plan(["cifar10"], real=True)
     outcomes = [
-        _outcome(plan, "cifar10", lr, 0, 0.5 + lr, 0.6, real_accuracy=0.7) for lr in plan.benchmarks[0].recipe.lrs
+        *(_outcome(plan, "cifar10", lr, 0, 0.5 + lr, 0.6, real_accuracy=0.5) for lr in plan.benchmarks[0].recipe.lrs),
+        _outcome(plan, "cifar10", 0.03, 0, None, 0.6, stage="final", real_accuracy=0.7),
     ]
     metrics, tags = transfer.summarise(outcomes, plan, "pretrained")
     assert tags[cmp.ROWS_TAG] == "cifar10,cifar10_real"
-    assert metrics[cmp.value_key("cifar10_real")] == 0.7
+    assert metrics[cmp.value_key("cifar10_real")] == 0.7  # from the final run
 
 
 def test_real_accuracy_counts_any_valid_label_and_skips_unlabelled_images():
@@ -98,12 +102,13 @@ def test_real_accuracy_counts_any_valid_label_and_skips_unlabelled_images():
 def test_vtab_score_rows_appear_only_for_the_full_nineteen_tasks():
     names = [f"vtab/{t}" for t in bench.VTAB_TASKS]
     plan = _plan(names)
-    outcomes = [_outcome(plan, n, 0.01, 0, 0.5, (i + 1) / 100) for i, n in enumerate(names)]
+    # One learning rate: the runs are the final ones straight away, on train + minival.
+    outcomes = [_outcome(plan, n, 0.01, 0, None, (i + 1) / 100, stage="final") for i, n in enumerate(names)]
     metrics, tags = transfer.summarise(outcomes, plan, "pretrained")
     assert metrics["vtab/test_accuracy"] == pytest.approx(statistics.mean((i + 1) / 100 for i in range(19)))
     assert tags[cmp.status_tag("vtab/structured")] == cmp.STATUS_OK
     # One task failed: the score is withheld, visibly.
-    outcomes[0] = _outcome(plan, names[0], 0.01, 0, 0, 0, status="FAILED")
+    outcomes[0] = _outcome(plan, names[0], 0.01, 0, 0, 0, status="FAILED", stage="final")
     metrics, tags = transfer.summarise(outcomes, plan, "pretrained")
     assert "vtab/test_accuracy" not in metrics and tags[cmp.status_tag("vtab")] == "incomplete"
     assert tags[cmp.status_tag("vtab/specialized")] == cmp.STATUS_OK
@@ -132,8 +137,43 @@ def test_set_values_are_typed_and_route_to_config_recipe_or_one_benchmark():
 def test_runs_without_real_accuracy_leave_a_marked_real_row_and_keep_the_plain_one():
     plan = _plan(["cifar10"], real=True)
     outcomes = [_outcome(plan, "cifar10", lr, 0, 0.5 + lr, 0.6) for lr in plan.benchmarks[0].recipe.lrs]
+    outcomes.append(_outcome(plan, "cifar10", 0.03, 0, None, 0.6, stage="final"))
     metrics, tags = transfer.summarise(outcomes, plan, "pretrained")
     assert metrics[cmp.value_key("cifar10")] == 0.6
     assert tags[cmp.status_tag("cifar10")] == cmp.STATUS_OK
     assert tags[cmp.status_tag("cifar10_real")] == "unreadable test images"
     assert cmp.value_key("cifar10_real") not in metrics
+
+
+def test_refit_reports_the_final_runs_on_train_plus_minival_at_the_lr_chosen_on_minival():
+    plan = _plan(["pets"])  # a paper benchmark: 4 learning rates, refit on
+    lrs = bench.REGISTRY["pets"].recipe.lrs
+    selection = [
+        _outcome(plan, "pets", lr, 0, minival, 0.99) for lr, minival in zip(lrs, [0.5, 0.8, 0.7, 0.6], strict=True)
+    ]
+
+    # The final runs start only once every selection run is in, at the minival winner.
+    assert transfer._final_runs_due(plan, selection[:3], selection[2].spec) == []
+    finals = transfer._final_runs_due(plan, selection, selection[3].spec)
+    assert [(f.lr, f.seed, f.stage) for f in finals] == [(lrs[1], 0, "final")]
+    assert finals[0].name == f"pets lr={lrs[1]:g} seed=0 final [pretrained]"
+
+    # Reported: the final run's test accuracy, not the selection runs' (0.99).
+    outcomes = [*selection, _outcome(plan, "pets", lrs[1], 0, None, 0.81, stage="final")]
+    metrics, tags = transfer.summarise(outcomes, plan, "pretrained")
+    assert metrics["pets/test_accuracy"] == 0.81 and metrics["pets/best_lr"] == lrs[1]
+    assert metrics["pets/minival_accuracy"] == 0.8
+    # The final run failed: a failed row, even though selection runs have test numbers.
+    outcomes[-1] = _outcome(plan, "pets", lrs[1], 0, None, 0, status="FAILED", stage="final")
+    metrics, tags = transfer.summarise(outcomes, plan, "pretrained")
+    assert tags[cmp.status_tag("pets")] == cmp.STATUS_FAILED and metrics["pets/failed_runs"] == 1
+
+
+def test_no_final_runs_when_every_selection_run_failed_and_none_planned_for_one_lr_benchmarks():
+    plan = _plan(["pets", "vtab/dtd"])
+    lrs = bench.REGISTRY["pets"].recipe.lrs
+    failed = [_outcome(plan, "pets", lr, 0, 0, 0, status="FAILED") for lr in lrs]
+    assert transfer._final_runs_due(plan, failed, failed[-1].spec) == []
+    specs = [s for s in plan.specs() if s.kind == "finetune"]
+    assert {(s.benchmark, s.stage) for s in specs} == {("pets", "select"), ("vtab/dtd", "final")}
+    assert plan.selection_runs("pets") == len(lrs) and plan.selection_runs("vtab/dtd") == 0
