@@ -111,9 +111,10 @@ class FewShotResult:
     def mean(self, shots: int) -> float:
         return float(np.mean(self.accuracies[shots]))
 
-    def std(self, shots: int) -> float:
-        # Population std over seeds (0 for one seed), the spread the seeds actually showed.
-        return float(np.std(self.accuracies[shots]))
+    def std(self, shots: int) -> float | None:
+        # Sample std over seeds, as for fine-tuning seeds, so the two spreads compare; none for a single seed.
+        accs = self.accuracies[shots]
+        return float(np.std(accs, ddof=1)) if len(accs) > 1 else None
 
 
 def fewshot_eval(
@@ -179,7 +180,9 @@ def fewshot_metrics(result: FewShotResult) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for k, accs in result.accuracies.items():
         metrics[f"fewshot_{k}shot"] = result.mean(k)
-        metrics[f"fewshot_{k}shot_std"] = result.std(k)
+        std = result.std(k)
+        if std is not None:
+            metrics[f"fewshot_{k}shot_std"] = std
         for seed, acc in enumerate(accs):
             metrics[f"fewshot_{k}shot_seed{seed}"] = acc
         metrics[f"fewshot_{k}shot_l2"] = float(np.mean(result.l2[k]))
