@@ -3,7 +3,8 @@
 For k shots, k training images per class are drawn, their features are standardised (with the statistics of
 those few images) and a ridge regression maps them to {-1, 1}^K targets in closed form; the predicted class is
 the arg-max of the K outputs. Nothing is trained by gradient descent, so it is cheap enough to run on every
-benchmark next to fine-tuning.
+benchmark next to fine-tuning; and only the drawn training images are embedded (`drawn_features`), not the
+whole training split.
 
 Choices, following big_vision's ``evaluators/fewshot_lsr.py``:
 - several seeds, each drawing a different set of shots; we report mean and std over seeds;
@@ -16,7 +17,7 @@ Choices, following big_vision's ``evaluators/fewshot_lsr.py``:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -101,6 +102,54 @@ def sample_shots(labels: np.ndarray, shots: int, num_classes: int, rng: np.rando
     return np.concatenate(picked)
 
 
+def shot_draws(
+    labels: np.ndarray, shots: Iterable[int], num_classes: int, seeds: int
+) -> dict[tuple[int, int], np.ndarray]:
+    """(seed, k) -> the training indices `fewshot_eval` uses: k per class, seed by seed. Labels < 0 are never
+    drawn (examples known to be unusable)."""
+    draws = {}
+    for seed in range(seeds):
+        rng = np.random.default_rng(seed)
+        for k in sorted({int(k) for k in shots}):
+            draws[(seed, k)] = sample_shots(labels, k, num_classes, rng)
+    return draws
+
+
+def drawn_features(
+    keys: Sequence[str],
+    labels: np.ndarray,
+    *,
+    shots: Iterable[int],
+    num_classes: int,
+    seeds: int,
+    extract: Callable[[list[str]], dict[str, np.ndarray]],
+    max_rounds: int = 10,
+) -> tuple[tuple[np.ndarray, np.ndarray], dict[tuple[int, int], np.ndarray]]:
+    """Features of only the drawn training examples (at most k x classes x seeds of a split that may hold millions),
+    and the draws as indices into them, for `fewshot_eval`.
+
+    ``extract(keys) -> {key: feature}`` may leave some out (images that do not decode): those are never drawn
+    again and the draws are redone, so every seed still gets k usable examples per class.
+    """
+    usable = np.array(labels, dtype=np.int64)
+    features: dict[str, np.ndarray] = {}
+    for _ in range(max_rounds):
+        draws = shot_draws(usable, shots, num_classes, seeds)
+        needed = sorted({int(i) for idx in draws.values() for i in idx})
+        missing = [keys[i] for i in needed if keys[i] not in features]
+        if missing:
+            features.update(extract(missing))
+            lost = {k for k in missing if k not in features}
+            if lost:
+                usable[[i for i in needed if keys[i] in lost]] = -1
+                continue
+        row = {i: r for r, i in enumerate(needed)}
+        x = np.stack([features[keys[i]] for i in needed])
+        y = np.asarray(labels, dtype=np.int64)[needed]
+        return (x, y), {draw: np.array([row[int(i)] for i in idx]) for draw, idx in draws.items()}
+    raise ValueError(f"drawn examples kept failing to decode after {max_rounds} rounds: check the training shards")
+
+
 @dataclass
 class FewShotResult:
     """Accuracies per shot count, one per seed, plus the regulariser each seed chose."""
@@ -127,11 +176,13 @@ def fewshot_eval(
     val: tuple[np.ndarray, np.ndarray] | None = None,
     l2_grid: Sequence[float] = DEFAULT_L2_GRID,
     l2: float = DEFAULT_L2,
+    draws: Mapping[tuple[int, int], np.ndarray] | None = None,
 ) -> FewShotResult:
     """k-shot linear accuracy on ``test`` for every k in ``shots``, for seeds 0..seeds-1.
 
     ``train``/``val``/``test`` are (features [N, D], labels [N]). With ``val`` the regulariser is chosen from
     ``l2_grid`` by accuracy on it (per seed and shot count, never looking at ``test``); without, ``l2`` is used.
+    ``draws`` ((seed, k) -> indices into ``train``, see `drawn_features`) replaces drawing from ``train``'s labels.
     """
     shots = sorted({int(k) for k in shots})
     if not shots or shots[0] < 1:
@@ -140,11 +191,11 @@ def fewshot_eval(
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     train_x, train_y = train
     test_x, test_y = test
+    draws = draws if draws is not None else shot_draws(train_y, shots, num_classes, seeds)
     result = FewShotResult()
     for seed in range(seeds):
-        rng = np.random.default_rng(seed)
         for k in shots:
-            idx = sample_shots(train_y, k, num_classes, rng)
+            idx = draws[(seed, k)]
             x, y = train_x[idx], train_y[idx]
             chosen = l2
             if val is not None:

@@ -508,32 +508,69 @@ def finetune(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, 
 
 
 def fewshot(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, float]:
-    """Few-shot linear accuracy on frozen pre-logits features (regulariser chosen on minival)."""
-    from pipeline.data import DataError, build_eval_loader
-    from pipeline.fewshot import extract_features, fewshot_eval, fewshot_metrics
+    """Few-shot linear accuracy on frozen pre-logits features (regulariser chosen on minival).
+
+    Of the training split only the drawn examples are decoded and embedded (their keys and labels are read first):
+    at most 25 shots x classes x seeds, however large the split (ImageNet: 75k of 1.28M images)."""
+    from pipeline.data import DataError, build_eval_loader, normalize, read_labels
+    from pipeline.fewshot import drawn_features, extract_features, fewshot_eval, fewshot_metrics
 
     device = _device(spec.num_gpus)
     start = time.perf_counter()
-    vit = build_model(spec.source, spec.init, seed=spec.seed).to(device)
+    vit = build_model(spec.source, spec.init, seed=spec.seed).to(device).eval()
     size = vit.spec.img_size  # the features as pretrained: no resampling, no fine-tuning
-    features = {}
-    for split in bench.SPLITS:
-        loader = build_eval_loader(
-            spec.urls[split], image_size=size, batch_size=256, crop_fraction=spec.recipe.eval_crop_fraction
+
+    def loader(split: str, only_keys: list[str] | None = None):
+        return build_eval_loader(
+            spec.urls[split],
+            image_size=size,
+            batch_size=256,
+            crop_fraction=spec.recipe.eval_crop_fraction,
+            only_keys=only_keys,
         )
+
+    def split_features(split: str) -> tuple[np.ndarray, np.ndarray]:
+        batches = loader(split)
         try:
-            features[split] = extract_features(vit, loader, device=device)
+            return extract_features(vit, batches, device=device)
         except ValueError as exc:  # nothing readable: say which shards were bad
-            raise DataError(f"{split} split {spec.urls[split]}: {exc} (bad samples: {loader.bad_by_shard})") from None
+            raise DataError(f"{split} split {spec.urls[split]}: {exc} (bad samples: {batches.bad_by_shard})") from None
+
+    @torch.no_grad()
+    def features_of(keys: list[str]) -> dict[str, np.ndarray]:
+        out = {}
+        for batch in loader("train", only_keys=keys).batches():
+            feats = vit.pre_logits(normalize(batch.images.to(device))).float().cpu().numpy()
+            out.update(zip(batch.keys, feats, strict=True))
+        return out
+
+    keys, labels, unreadable = read_labels(spec.urls["train"])
+    draws = None
+    if len(set(keys)) == len(keys):
+        try:
+            train, draws = drawn_features(
+                keys,
+                labels,
+                shots=spec.shots,
+                num_classes=spec.num_classes,
+                seeds=spec.fewshot_seeds,
+                extract=features_of,
+            )
+        except ValueError as exc:
+            raise DataError(f"train split {spec.urls['train']}: {exc} (bad samples: {unreadable})") from None
+    else:  # keys repeat across shards: samples can only be told apart by position, so embed them all
+        train = split_features("train")
     result = fewshot_eval(
-        features["train"],
-        features["test"],
-        val=features["minival"],
+        train,
+        split_features("test"),
+        val=split_features("minival"),
         num_classes=spec.num_classes,
         shots=spec.shots,
         seeds=spec.fewshot_seeds,
+        draws=draws,
     )
     metrics = fewshot_metrics(result)
+    metrics["train_images_embedded"] = float(len(train[1]))
     metrics["seconds"] = time.perf_counter() - start
     (log_metrics or (lambda m, s: None))(metrics, 0)
     return metrics

@@ -319,3 +319,23 @@ def test_splits_joined_with_double_colons_are_read_as_one_set(tmp_path):
     mixed = DataConfig(train=f"{base}/bench/train.manifest.json::{base}/other/train.manifest.json", image_size=8)
     with pytest.raises(DataError, match=r"other/train.manifest.json has other classes .* only splits of one dataset"):
         check_data(mixed, world_size=1)
+
+
+def test_labels_are_read_without_decoding_and_only_asked_keys_are_decoded(local_set, tmp_path):
+    from pipeline.data import read_labels
+
+    url, keys = local_set
+    manifest = f"{url}/train.manifest.json"
+    read_keys, labels, bad = read_labels(manifest)
+    assert read_keys == keys and list(labels) == [i % NUM_CLASSES for i in range(len(keys))] and bad == {}
+
+    wanted = keys[3:40:9]
+    loader = build_eval_loader(manifest, image_size=8, batch_size=4, only_keys=wanted)
+    got = [k for batch in loader.batches() for k in batch.keys]
+    assert got == wanted and loader.bad_by_shard == {}  # stored order; the rest read past, not judged
+
+    broken = f"file://{tmp_path}"
+    write_set(broken, shards=1, per_shard=3)
+    (tmp_path / "train-000000.tar").write_bytes(b"garbage" * 100)
+    read_keys, labels, bad = read_labels(f"{broken}/train.manifest.json")
+    assert read_keys == [] and len(labels) == 0 and bad == {f"{broken}/train-000000.tar": 1}

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 
 from pipeline.fewshot import (
+    drawn_features,
     fewshot_eval,
     fewshot_metrics,
     fit_lsr,
     sample_shots,
+    shot_draws,
     signed_one_hot,
 )
 
@@ -124,3 +126,35 @@ def test_regulariser_is_chosen_on_the_held_out_split_not_fixed():
     assert set(result.l2[2]) <= set(grid)
     fixed = fewshot_eval(train, test, num_classes=3, shots=[2], seeds=1, l2=7.0)
     assert fixed.l2[2] == [7.0]
+
+
+def test_embedding_only_the_drawn_examples_gives_the_same_result_as_embedding_all():
+    train = _clusters(40, 4, 16, spread=3.0, seed=0)
+    test = _clusters(50, 4, 16, spread=3.0, seed=1)
+    keys = [f"k{i}" for i in range(len(train[1]))]
+    asked: list[str] = []
+
+    def extract(wanted):
+        asked.extend(wanted)
+        return {k: train[0][keys.index(k)] for k in wanted}
+
+    subset, draws = drawn_features(keys, train[1], shots=[1, 5], num_classes=4, seeds=3, extract=extract)
+    assert len(asked) == len(set(asked)) == len(subset[1]) <= (1 + 5) * 4 * 3 < len(keys)
+    full = fewshot_eval(train, test, num_classes=4, shots=[1, 5], seeds=3)
+    drawn = fewshot_eval(subset, test, num_classes=4, shots=[1, 5], seeds=3, draws=draws)
+    assert drawn.accuracies == full.accuracies
+
+
+def test_a_drawn_example_that_does_not_decode_is_replaced_by_another_of_its_class():
+    train = _clusters(10, 3, 8, spread=1.0, seed=0)
+    keys = [f"k{i}" for i in range(len(train[1]))]
+    first = shot_draws(train[1], [2], 3, 1)[(0, 2)]
+    broken = keys[int(first[0])]
+
+    def extract(wanted):
+        return {k: train[0][keys.index(k)] for k in wanted if k != broken}
+
+    (x, y), draws = drawn_features(keys, train[1], shots=[2], num_classes=3, seeds=1, extract=extract)
+    idx = draws[(0, 2)]
+    assert sorted(np.bincount(y[idx], minlength=3)) == [2, 2, 2]  # still 2 per class
+    assert not any((x[i] == train[0][int(first[0])]).all() for i in idx)

@@ -66,6 +66,8 @@ def test_an_official_npz_is_loaded_as_is_and_fine_tuned_with_a_new_head(data_roo
     assert 0.0 <= tuned["test_accuracy"] <= 1.0 and 0.0 <= tuned["minival_accuracy"] <= 1.0
     few = transfer.execute(specs["fewshot"])
     assert 0.0 <= few["fewshot_1shot"] <= 1.0
+    # Of the 20 training images only the drawn ones were embedded: 1 shot x 5 classes x 3 seeds at most.
+    assert 5 <= few["train_images_embedded"] <= 15
 
 
 def test_an_npz_without_its_variant_or_missing_is_refused_before_any_run(data_root, checkpoint, tmp_path):

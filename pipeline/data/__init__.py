@@ -8,6 +8,7 @@ from pipeline.data.loader import (
     build_eval_loader,
     build_train_loader,
     check_data,
+    read_labels,
 )
 from pipeline.data.ray_engine import RayTrainLoader, build_ray_dataset, ray_datasets
 from pipeline.data.shards import read_manifest
@@ -27,5 +28,6 @@ __all__ = [
     "check_data",
     "normalize",
     "ray_datasets",
+    "read_labels",
     "read_manifest",
 ]

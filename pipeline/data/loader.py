@@ -543,9 +543,11 @@ class EvalStreams(IterableDataset):
         crop_fraction: float | None,
         strict: bool,
         num_classes: int | None = None,
+        only_keys: frozenset[str] | None = None,
     ) -> None:
         self.urls = urls
         self.num_classes = num_classes
+        self.only_keys = only_keys
         self.image_size = image_size
         self.batch_size = batch_size
         self.rank = rank
@@ -584,6 +586,8 @@ class EvalStreams(IterableDataset):
             for j, sample in enumerate(shardlib.iter_shard(url)):
                 if (k + j) % self.world_size != self.rank:
                     continue
+                if self.only_keys is not None and sample.key not in self.only_keys:
+                    continue  # not asked for: not decoded, not judged
                 image, error = _decoded(
                     sample,
                     self.num_classes,
@@ -619,6 +623,7 @@ class EvalLoader:
         workers: int,
         crop_fraction: float | None,
         strict: bool,
+        only_keys: frozenset[str] | None = None,
     ) -> None:
         if batch_size <= 0 or image_size <= 0:
             raise DataError(f"batch_size and image_size must be positive, got {batch_size} and {image_size}")
@@ -640,6 +645,7 @@ class EvalLoader:
             crop_fraction=crop_fraction,
             strict=strict,
             num_classes=self.num_classes,
+            only_keys=only_keys,
         )
         self._workers = workers
 
@@ -666,8 +672,12 @@ def build_eval_loader(
     workers: int = 0,
     crop_fraction: float | None = EVAL_CROP_FRACTION,
     strict: bool = False,
+    only_keys: Iterable[str] | None = None,
 ) -> EvalLoader:
-    """One pass over ``url`` (pattern or manifest), resize + centre crop, every sample exactly once across ranks."""
+    """One pass over ``url`` (pattern or manifest), resize + centre crop, every sample exactly once across ranks.
+
+    ``only_keys``: decode and yield just these samples (e.g. the few shots drawn from a large training split);
+    the others are read past without being decoded."""
     return EvalLoader(
         url,
         image_size=image_size,
@@ -677,4 +687,23 @@ def build_eval_loader(
         workers=workers,
         crop_fraction=crop_fraction,
         strict=strict,
+        only_keys=None if only_keys is None else frozenset(only_keys),
     )
+
+
+def read_labels(url: str) -> tuple[list[str], np.ndarray, dict[str, int]]:
+    """Keys and labels of a split in stored order, without decoding an image (what drawing few-shot examples
+    needs before any image is touched), and the count of unreadable samples per shard, which are left out like
+    labels outside the manifest's classes. Images themselves are only checked when decoded."""
+    urls, manifest = _resolve(url)
+    num_classes = manifest["num_classes"] if manifest else None
+    keys, labels = [], []
+    bad: Counter[str] = Counter()
+    for shard in urls:
+        for sample in shardlib.iter_shard(shard):
+            if sample.error is None and (num_classes is None or sample.label < num_classes):
+                keys.append(sample.key)
+                labels.append(sample.label)
+            else:
+                bad[shard] += 1
+    return keys, np.asarray(labels, dtype=np.int64), dict(bad)
