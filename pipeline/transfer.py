@@ -677,11 +677,19 @@ def plan_sweep(cfg: TransferConfig) -> SweepPlan:
     except ValueError as exc:
         raise ConfigError([f"benchmarks: {exc}"]) from None
     names = {b.name for b in chosen}
-    problems = [
-        f"benchmark_recipes.{name}: {name!r} is not among the benchmarks of this sweep ({', '.join(sorted(names))})"
-        for name in cfg.benchmark_recipes
-        if name not in names
-    ]
+    problems = []
+    # Per-benchmark overrides; an alias (e.g. vtab.steps=...) sets every member, a member's own setting wins.
+    overrides: dict[str, dict[str, Any]] = {}
+    for name in sorted(cfg.benchmark_recipes, key=lambda n: n in names):
+        members = [m.name for m in bench.resolve([name])] if name in bench.ALIASES else [name]
+        if not set(members) <= names:
+            problems.append(
+                f"benchmark_recipes.{name}: {name!r} is not among the benchmarks of this sweep "
+                f"({', '.join(sorted(names))})"
+            )
+            continue
+        for member in members:
+            overrides.setdefault(member, {}).update(cfg.benchmark_recipes[name])
     try:
         source = resolve_pretrained(cfg)
     except ConfigError as exc:
@@ -689,7 +697,7 @@ def plan_sweep(cfg: TransferConfig) -> SweepPlan:
         source = None
     plans: list[BenchmarkPlan] = []
     for b in chosen:
-        changes = {**cfg.recipe, **cfg.benchmark_recipes.get(b.name, {})}
+        changes = {**cfg.recipe, **overrides.get(b.name, {})}
         if source is not None and "resolution" not in changes:
             changes["resolution"] = bench.finetune_resolution(b, source.spec["variant"])
         try:

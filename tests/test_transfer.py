@@ -230,8 +230,18 @@ def test_configuration_errors_surface_before_any_run_is_created(tmp_path, data_r
         transfer.build_config({**base, "benchmarks": ["lfw"]}, ["stepz=5"])
     with pytest.raises(ConfigError, match=r"fewshot: benchmark 'digits_heldout' has only 4 training images"):
         transfer.plan_sweep(transfer.build_config({**base, "benchmarks": ["digits_heldout"], "fewshot": [5]}))
+    with pytest.raises(ConfigError, match=r"benchmark_recipes.vtab: 'vtab' is not among the benchmarks"):
+        transfer.plan_sweep(transfer.build_config({**base, "benchmarks": ["lfw"]}, ["vtab.steps=5"]))
     # Nothing reached MLflow.
     assert not (tmp_path / "untouched.db").exists()
+
+
+def test_an_alias_override_sets_every_member_and_a_members_own_setting_wins(data_root, pretrained):
+    _, export_url = pretrained
+    fields = {"pretrained": export_url, "data_root": data_root, "benchmarks": ["embedded"]}
+    plan = transfer.plan_sweep(transfer.build_config(fields, ["embedded.steps=17", "lfw.steps=19", "embedded.seeds=2"]))
+    got = {p.benchmark.name: (p.recipe.steps, p.recipe.seeds) for p in plan.benchmarks}
+    assert got == {"digits_heldout": (17, 2), "lfw": (19, 2)}
 
 
 @pytest.mark.reliability
