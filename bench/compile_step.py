@@ -1,7 +1,7 @@
 """Does torch.compile (or a channels-last input) pay for our ViT's training step? Before/after, side by side.
 
-One process; the same weights and batch for every variant of the step: eager (the default), eager with a
-channels-last input, and ``torch.compile`` (inductor). After warm-up (which for the compiled step includes the
+One process; the same weights and batch for every variant of the step: eager (the default), eager with
+channels-last input and weights, and ``torch.compile`` (inductor). After warm-up (which for the compiled step includes the
 compilation, timed separately) the variants take turns, the order rotating every round, and the medians are
 compared. On CPU the thread count is 1 by default for the same reason as bench/model_step.py.
 
@@ -74,6 +74,8 @@ def run_config(cfg: Config, device: torch.device, rounds: int, warmup: int) -> t
     for m in models.values():
         m.load_state_dict(base.state_dict())
         m.to(device)
+    # Channels-last for the weights too (only the patch-embedding convolution has 4-D ones) as for the input.
+    models["channels_last"].to(memory_format=torch.channels_last)
     x = torch.randn(cfg.batch, 3, cfg.img_size, cfg.img_size, device=device)
     y = torch.randint(0, cfg.num_classes, (cfg.batch,), device=device)
     steps = {

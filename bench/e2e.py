@@ -3,7 +3,8 @@
 Runs the real job (`jobs/pretrain.py --config tiny`: Ray Train, 2 workers, DeepSpeed ZeRO-2, WebDataset shards,
 MLflow) for --steps steps in a scratch VITPIPE_HOME, reads its throughput and data-wait fraction back from
 MLflow, and compares the throughput with the bare model step of the same shape (same micro-batch, AdamW, one
-thread per worker, in this process, no Ray / DeepSpeed / data): the ratio is what the pipeline keeps.
+thread, in this process, no Ray / DeepSpeed / data) times the number of workers, i.e. assuming the workers'
+steps would scale perfectly over the cores: the ratio is what the pipeline keeps (a lower bound of it).
 
     python bench/e2e.py [--steps 150] [--keep DIR]
 
@@ -67,7 +68,7 @@ def window_metrics(db: Path, run_id: str) -> dict[str, list[float]]:
 
 
 def model_only_images_per_s(micro_batch: int, workers: int, rounds: int = 20) -> float:
-    """Images/s of `workers` bare training steps of the tiny model running side by side, one thread each."""
+    """Images/s of `workers` bare one-thread training steps of the tiny model, scaled perfectly (one measured)."""
     cfg = presets.tiny()
     torch.set_num_threads(1)
     torch.manual_seed(0)

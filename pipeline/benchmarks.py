@@ -146,9 +146,11 @@ def finetune_resolution(b: Benchmark, variant: str) -> int:
     """A benchmark's default fine-tuning resolution for a model: its recipe's (Table 4's 384 px for the paper's
     benchmarks and VTAB), except the paper's higher one for ViT-L/16 and H/14 there (384 is not even a multiple of
     14). Embedded benchmarks keep their own small size."""
+    from model.variants import parse_variant
+
     if b.suite == "embedded":
         return b.recipe.resolution
-    return HIGH_RES_FINETUNE.get(variant, b.recipe.resolution)
+    return HIGH_RES_FINETUNE.get(parse_variant(variant).name, b.recipe.resolution)  # "ViT-L/16" is L/16 too
 
 
 def _paper(name: str, classes: int, steps: int, lrs: tuple[float, ...], warmup: int, **extra) -> Benchmark:

@@ -103,7 +103,7 @@ class PretrainingGain:
 
     def verdict(self) -> str:
         if self.spread is None:
-            return "one seed, no spread to judge against"
+            return "no spread over seeds recorded (one seed, or an aggregate row), nothing to judge against"
         if abs(self.gain) <= self.spread:
             return "within the spread across seeds"
         return (

@@ -242,11 +242,15 @@ def resolve_pretrained(cfg: TransferConfig) -> ModelSource:
             )
         if not storage.exists(url):
             raise ConfigError([f"pretrained: {url} does not exist"])
+        try:
+            variant = vit_model.parse_variant(cfg.variant).name  # "ViT-B/16" -> "B/16"
+        except ValueError as exc:
+            raise ConfigError([f"variant: {exc}"]) from None
         # From the array headers only (a few small reads, even on gs://): a wrong --variant fails here, once,
         # instead of in every fine-tuning task after its download.
         try:
             with storage.open_read(url, small_reads=True) as file:
-                arch = vit_model.check_npz_architecture(file, cfg.variant, pool=cfg.checkpoint_pool)
+                arch = vit_model.check_npz_architecture(file, variant, pool=cfg.checkpoint_pool)
         except (vit_model.CheckpointMismatchError, ValueError) as exc:
             raise ConfigError([f"pretrained: {url}: {exc}"]) from None
         rep = cfg.checkpoint_representation_size
@@ -259,12 +263,12 @@ def resolve_pretrained(cfg: TransferConfig) -> ModelSource:
                 ]
             )
         spec = {
-            "variant": cfg.variant,
+            "variant": variant,
             "img_size": cfg.checkpoint_img_size or arch.img_size or 224,
             "pool": arch.pool,
             "representation_size": arch.representation_size,
         }
-        label = cfg.model_label or f"ViT-{cfg.variant} ({url.rsplit('/', 1)[-1]})"
+        label = cfg.model_label or f"ViT-{variant} ({url.rsplit('/', 1)[-1]})"
         return ModelSource("npz", url, spec, label, run_id)
 
     try:
@@ -513,6 +517,7 @@ def fewshot(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, f
     Of the training split only the drawn examples are decoded and embedded (their keys and labels are read first):
     at most 25 shots x classes x seeds, however large the split (ImageNet: 75k of 1.28M images)."""
     from pipeline.data import DataError, build_eval_loader, normalize, read_labels
+    from pipeline.data.config import SOURCE_SEPARATOR
     from pipeline.fewshot import drawn_features, extract_features, fewshot_eval, fewshot_metrics
 
     device = _device(spec.num_gpus)
@@ -520,9 +525,9 @@ def fewshot(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, f
     vit = build_model(spec.source, spec.init, seed=spec.seed).to(device).eval()
     size = vit.spec.img_size  # the features as pretrained: no resampling, no fine-tuning
 
-    def loader(split: str, only_keys: list[str] | None = None):
+    def loader(split: str, only_keys: list[str] | None = None, url: str | None = None):
         return build_eval_loader(
-            spec.urls[split],
+            url or spec.urls[split],
             image_size=size,
             batch_size=256,
             crop_fraction=spec.recipe.eval_crop_fraction,
@@ -538,26 +543,32 @@ def fewshot(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, f
 
     @torch.no_grad()
     def features_of(keys: list[str]) -> dict[str, np.ndarray]:
+        # Only the shards holding these keys are read again (in stored order).
+        wanted = set(keys)
+        pairs = zip(train_split.keys, train_split.shards, strict=True)
+        shards = list(dict.fromkeys(shard for key, shard in pairs if key in wanted))
         out = {}
-        for batch in loader("train", only_keys=keys).batches():
+        for batch in loader("train", only_keys=keys, url=f" {SOURCE_SEPARATOR} ".join(shards)).batches():
             feats = vit.pre_logits(normalize(batch.images.to(device))).float().cpu().numpy()
             out.update(zip(batch.keys, feats, strict=True))
         return out
 
-    keys, labels, unreadable = read_labels(spec.urls["train"])
+    train_split = read_labels(spec.urls["train"])
     draws = None
-    if len(set(keys)) == len(keys):
+    if len(set(train_split.keys)) == len(train_split.keys):
         try:
             train, draws = drawn_features(
-                keys,
-                labels,
+                train_split.keys,
+                train_split.labels,
                 shots=spec.shots,
                 num_classes=spec.num_classes,
                 seeds=spec.fewshot_seeds,
                 extract=features_of,
             )
         except ValueError as exc:
-            raise DataError(f"train split {spec.urls['train']}: {exc} (bad samples: {unreadable})") from None
+            raise DataError(
+                f"train split {spec.urls['train']}: {exc} (bad samples: {train_split.bad_by_shard})"
+            ) from None
     else:  # keys repeat across shards: samples can only be told apart by position, so embed them all
         train = split_features("train")
     result = fewshot_eval(
@@ -713,7 +724,10 @@ def plan_sweep(cfg: TransferConfig) -> SweepPlan:
             )
             continue
         urls = {split: b.split_url(root, split) for split in bench.SPLITS}
-        problems += _check_benchmark_data(b, urls, root, min_per_class=max(cfg.fewshot, default=0))
+        data_problems = _check_benchmark_data(b, urls, root, min_per_class=max(cfg.fewshot, default=0))
+        if recipe.refit and not data_problems:
+            data_problems = _check_refit_data(b, urls)
+        problems += data_problems
         if b.real_labels:
             real = b.real_labels_url(root)
             if storage.exists(real):  # optional: without it there is no ReaL row
@@ -762,6 +776,18 @@ def _check_benchmark_data(b: bench.Benchmark, urls: dict[str, str], root: str, *
                     min_per_class,
                 )
     return problems
+
+
+def _check_refit_data(b: bench.Benchmark, urls: dict[str, str]) -> list[str]:
+    """Final runs read train and minival as one set, after every selection run: check now that they can."""
+    from pipeline.data import DataConfig, DataError, check_data
+    from pipeline.data.config import SOURCE_SEPARATOR
+
+    try:
+        check_data(DataConfig(train=f"{urls['train']} {SOURCE_SEPARATOR} {urls['minival']}", workers=0), world_size=1)
+    except DataError as exc:
+        return [f"benchmark {b.name!r}: its final runs train on train + minival, which cannot be read as one: {exc}"]
+    return []
 
 
 def _check_real_labels(b: bench.Benchmark, real_url: str, test_url: str) -> list[str]:
@@ -872,9 +898,14 @@ def summarise(outcomes: list[RunOutcome], plan: SweepPlan, init: str) -> tuple[d
                 tags[f"{ERROR_TAG}/{name}"] = errors[0][:MAX_TAG_CHARS]
             if "real_labels" in p.urls:
                 put(f"{name}_real", None, None, schema.STATUS_FAILED)
-        failed = sum(o.status == "FAILED" for o in tuned)
+        # The compare note ("N runs failed") counts the runs the number could have stood on: the final ones under
+        # refit, else every selection run (any of them might have won). Refit selection failures are logged apart.
+        counted = [o for o in tuned if o.spec.stage == "final"] if p.recipe.refit else tuned
+        failed = sum(o.status == "FAILED" for o in counted)
         if failed:
             metrics[schema.failed_runs_key(name)] = failed
+        if p.recipe.refit and (lost := sum(o.status == "FAILED" and o.spec.stage == "select" for o in tuned)):
+            metrics[f"{name}/failed_selection_runs"] = lost
         for o in (o for o in mine if o.spec.kind == "fewshot"):
             for k in o.spec.shots:
                 row = schema.fewshot_row(name, k)
@@ -918,6 +949,10 @@ def _error_text(exc: BaseException) -> str:
 
     cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None else exc
     return f"{type(cause).__name__}: {cause}"
+
+
+# How often a sweep whose runs all stay pending says so.
+WAIT_REPORT_S = 600
 
 
 def _joined_a_cluster(cfg: TransferConfig) -> bool:
@@ -983,7 +1018,8 @@ def run_sweep(
 
     from pipeline.tracking import experiment_id_for
 
-    cfg = cfg if cfg is not None else build_config(fields, sets)
+    if cfg is None:
+        cfg = plan.cfg if plan is not None else build_config(fields, sets)
     plan = plan if plan is not None else plan_sweep(cfg)  # a caller that printed the plan passes it: checked once
     specs = plan.specs()
     _connect_ray(cfg)
@@ -1017,7 +1053,15 @@ def run_sweep(
         submit(specs)
         log.info("submitted %d transfer runs to Ray", len(pending))
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_REPORT_S)
+            if not done:  # e.g. runs waiting for GPUs a fixed-size cluster will never have: keep saying so
+                log.warning(
+                    "%d transfer runs pending, none finished in the last %d s; the cluster has %s",
+                    len(pending),
+                    WAIT_REPORT_S,
+                    ray.available_resources(),
+                )
+                continue
             spec = pending.pop(done[0])
             try:
                 metrics = ray.get(done[0])
@@ -1032,7 +1076,13 @@ def run_sweep(
                 client.set_terminated(spec.run_id, "FINISHED")
                 log.info("finished %s: %s", spec.name, _short(metrics))
             outcomes.append(outcome)
-            submit(_final_runs_due(plan, outcomes, spec))
+            due = _final_runs_due(plan, outcomes, spec)
+            try:
+                submit(due)
+            except Exception as exc:  # e.g. MLflow briefly unreachable: those runs fail, the finished ones count
+                for s in due:
+                    outcomes.append(RunOutcome(s, "FAILED", error=f"could not start: {_error_text(exc)}"))
+                log.warning("could not start the final runs of %s: %s", spec.benchmark, _error_text(exc))
     except BaseException:
         # Interrupted driver: what did not finish is recorded as killed, not left RUNNING forever.
         finished = {o.spec.run_id for o in outcomes}

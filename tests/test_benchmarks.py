@@ -96,5 +96,6 @@ def test_large_models_fine_tune_at_the_papers_higher_resolution_on_paper_benchma
     assert res(REGISTRY["cifar10"], "B/16") == 384
     assert res(REGISTRY["cifar10"], "L/16") == 512
     assert res(REGISTRY["imagenet"], "H/14") == 518  # 384 is not a multiple of 14
+    assert res(REGISTRY["imagenet"], "ViT-H/14") == 518  # however the variant is spelled
     assert res(REGISTRY["vtab/dtd"], "H/14") == 518
     assert res(REGISTRY["digits_heldout"], "H/14") == REGISTRY["digits_heldout"].recipe.resolution

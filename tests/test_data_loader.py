@@ -326,8 +326,9 @@ def test_labels_are_read_without_decoding_and_only_asked_keys_are_decoded(local_
 
     url, keys = local_set
     manifest = f"{url}/train.manifest.json"
-    read_keys, labels, bad = read_labels(manifest)
-    assert read_keys == keys and list(labels) == [i % NUM_CLASSES for i in range(len(keys))] and bad == {}
+    split = read_labels(manifest)
+    assert split.keys == keys and list(split.labels) == [i % NUM_CLASSES for i in range(len(keys))]
+    assert split.bad_by_shard == {} and split.shards[0] == f"{url}/train-000000.tar" and len(set(split.shards)) == 6
 
     wanted = keys[3:40:9]
     loader = build_eval_loader(manifest, image_size=8, batch_size=4, only_keys=wanted)
@@ -337,5 +338,5 @@ def test_labels_are_read_without_decoding_and_only_asked_keys_are_decoded(local_
     broken = f"file://{tmp_path}"
     write_set(broken, shards=1, per_shard=3)
     (tmp_path / "train-000000.tar").write_bytes(b"garbage" * 100)
-    read_keys, labels, bad = read_labels(f"{broken}/train.manifest.json")
-    assert read_keys == [] and len(labels) == 0 and bad == {f"{broken}/train-000000.tar": 1}
+    split = read_labels(f"{broken}/train.manifest.json")
+    assert split.keys == [] and len(split.labels) == 0 and split.bad_by_shard == {f"{broken}/train-000000.tar": 1}

@@ -129,8 +129,9 @@ def test_an_npz_with_a_pre_logits_layer_is_described_by_its_own_headers(data_roo
     url = f"file://{path}"
     fields = {"pretrained": url, "benchmarks": ["digits_heldout"], "data_root": data_root}
 
-    plan = transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4"]))
+    plan = transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=ViT-Mi/4"]))
     assert plan.source.spec == {"variant": "Mi/4", "img_size": 24, "pool": "token", "representation_size": 64}
+    assert plan.source.label == "ViT-Mi/4 (Mi_4_prelogits.npz)"
     loaded = transfer.build_model(plan.source, "pretrained", seed=0)
     torch.testing.assert_close(loaded.state_dict()["representation.weight"], vit.state_dict()["representation.weight"])
     assert 0.0 <= transfer.execute(plan.specs()[0])["test_accuracy"] <= 1.0  # representation dropped, new head
@@ -217,3 +218,32 @@ def test_real_labels_are_checked_at_planning_and_withheld_when_test_images_are_u
     tuned = transfer.execute(transfer.plan_sweep(transfer.build_config(fields, sets)).specs()[0])
     assert tuned["test_bad_samples"] == 1
     assert "real_accuracy" not in tuned
+
+
+def test_a_refit_benchmark_whose_minival_has_other_classes_is_refused_at_planning(data_root, checkpoint, tmp_path):
+    import json
+
+    from pipeline import benchmarks as bench
+    from pipeline import storage
+
+    _, url = checkpoint
+    digits = bench.REGISTRY["digits_heldout"]
+    refit = digits.model_copy(
+        update={"name": "digits_refit", "recipe": digits.recipe.model_copy(update={"refit": True})}
+    )
+    bench.register(refit, replace=True)
+    storage.download_dir(f"{data_root}/digits_heldout", tmp_path / "digits_refit")
+    fields = {"pretrained": url, "benchmarks": ["digits_refit"], "data_root": f"file://{tmp_path}"}
+    try:
+        plan = transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4"]))
+        assert {s.stage for s in plan.specs() if s.kind == "finetune"} == {"final"}  # one lr: final runs only
+        minival = tmp_path / "digits_refit" / "minival.manifest.json"
+        manifest = json.loads(minival.read_text())
+        manifest["class_names"] = [f"other-{name}" for name in manifest["class_names"]]
+        minival.write_text(json.dumps(manifest))
+        with pytest.raises(
+            ConfigError, match=r"'digits_refit': its final runs train on train \+ minival, which cannot"
+        ):
+            transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4"]))
+    finally:
+        del bench.REGISTRY["digits_refit"]

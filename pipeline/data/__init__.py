@@ -4,6 +4,7 @@ from pipeline.data.config import DataConfig, DataError, DataInfo
 from pipeline.data.loader import (
     Batch,
     EvalLoader,
+    SplitLabels,
     TrainLoader,
     build_eval_loader,
     build_train_loader,
@@ -21,6 +22,7 @@ __all__ = [
     "DataInfo",
     "EvalLoader",
     "RayTrainLoader",
+    "SplitLabels",
     "TrainLoader",
     "build_eval_loader",
     "build_ray_dataset",

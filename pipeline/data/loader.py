@@ -691,19 +691,30 @@ def build_eval_loader(
     )
 
 
-def read_labels(url: str) -> tuple[list[str], np.ndarray, dict[str, int]]:
-    """Keys and labels of a split in stored order, without decoding an image (what drawing few-shot examples
-    needs before any image is touched), and the count of unreadable samples per shard, which are left out like
-    labels outside the manifest's classes. Images themselves are only checked when decoded."""
+@dataclass(frozen=True)
+class SplitLabels:
+    """A split's samples in stored order, read without decoding an image (see `read_labels`)."""
+
+    keys: list[str]
+    labels: np.ndarray  # int64, one per key
+    shards: list[str]  # the shard URL holding each key
+    bad_by_shard: dict[str, int]  # unreadable samples (and labels outside the classes) left out, per shard
+
+
+def read_labels(url: str) -> SplitLabels:
+    """Keys, labels and shards of a split's samples, without decoding an image: what drawing few-shot examples
+    needs before any image is touched. Unreadable samples and labels outside the manifest's classes are left out
+    and counted; images themselves are only checked when decoded."""
     urls, manifest = _resolve(url)
     num_classes = manifest["num_classes"] if manifest else None
-    keys, labels = [], []
+    keys, labels, where = [], [], []
     bad: Counter[str] = Counter()
     for shard in urls:
         for sample in shardlib.iter_shard(shard):
             if sample.error is None and (num_classes is None or sample.label < num_classes):
                 keys.append(sample.key)
                 labels.append(sample.label)
+                where.append(shard)
             else:
                 bad[shard] += 1
-    return keys, np.asarray(labels, dtype=np.int64), dict(bad)
+    return SplitLabels(keys, np.asarray(labels, dtype=np.int64), where, dict(bad))
