@@ -1,9 +1,9 @@
 """Does torch.compile (or a channels-last input) pay for our ViT's training step? Before/after, side by side.
 
 One process; the same weights and batch for every variant of the step: eager (the default), eager with
-channels-last input and weights, and ``torch.compile`` (inductor). After warm-up (which for the compiled step includes the
-compilation, timed separately) the variants take turns, the order rotating every round, and the medians are
-compared. On CPU the thread count is 1 by default for the same reason as bench/model_step.py.
+channels-last input and weights, and ``torch.compile`` (inductor). After warm-up (which for the compiled step
+includes the compilation, timed separately) the variants take turns, the order rotating every round, and the
+medians are compared. On CPU the thread count is 1 by default for the same reason as bench/model_step.py.
 
     python bench/compile_step.py [--rounds 10] [--threads 1] [--device cpu|cuda]
 
