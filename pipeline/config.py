@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 from model.variants import parse_variant
 from pipeline import storage
 from pipeline.data import DataConfig
+from pipeline.data.config import split_sources
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Set VITPIPE_HOME to keep runs/ (checkpoints, exports, the SQLite MLflow store) somewhere else than the
@@ -75,7 +76,7 @@ def check_durable_defaults(cfg: PretrainConfig) -> list[str]:
     sqlite = cfg.tracking.uri.startswith("sqlite:///")
     if cfg.tracking.enabled and sqlite and inside_copy(Path(cfg.tracking.uri[len("sqlite:///") :])):
         problems.append(f"tracking.uri: the SQLite store {cfg.tracking.uri} is inside Ray's temporary copy: {fix}")
-    if inside_copy(storage.local_path(cfg.data.train)):
+    if any(inside_copy(storage.local_path(source)) for source in split_sources(cfg.data.train)):
         problems.append(f"data.train: {cfg.data.train} is inside Ray's temporary copy of the code: {fix}")
     return problems
 

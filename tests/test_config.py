@@ -333,6 +333,10 @@ def test_defaults_inside_a_ray_job_copy_are_refused(monkeypatch: pytest.MonkeyPa
         f"data.train={tmp_path.as_uri()}/train.manifest.json",
     ]
     assert config.check_durable_defaults(load_config("tiny", explicit)) == []
+    # Several sources: any one inside the copy is refused.
+    inside = config.REPO_ROOT.as_uri() + "/runs/data/extra.manifest.json"
+    joined = [*explicit[:2], f"data.train={tmp_path.as_uri()}/train.manifest.json :: {inside}"]
+    assert [p.split(":")[0] for p in config.check_durable_defaults(load_config("tiny", joined))] == ["data.train"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # a tracking server from the environment
     assert [p.split(":")[0] for p in config.check_durable_defaults(load_config("tiny"))] == ["run.root", "data.train"]
     monkeypatch.setenv(config.HOME_ENV, str(tmp_path))
