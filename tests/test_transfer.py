@@ -311,3 +311,32 @@ def test_runs_the_cluster_cannot_host_yet_fail_on_a_local_ray_and_wait_for_the_a
     with caplog.at_level("WARNING", logger="pipeline.transfer"):
         transfer.check_resources(specs, can_grow=True)
     assert "asks for 1 GPU(s)" in caplog.text and "autoscaler" in caplog.text
+
+
+def test_final_runs_that_cannot_be_started_fail_alone_and_the_sweep_still_summarises(
+    ray_connected, mlflow_server, data_root, pretrained, monkeypatch
+):
+    _, export_url = pretrained
+    real_create_child = transfer._create_child
+
+    def create_child(client, exp_id, parent_id, spec):
+        if spec.stage == "final":  # the tracking server goes away just as the final runs are due
+            raise ConnectionError("tracking server unreachable")
+        return real_create_child(client, exp_id, parent_id, spec)
+
+    monkeypatch.setattr(transfer, "_create_child", create_child)
+    result = transfer.run_sweep(
+        pretrained=export_url,
+        benchmarks=["lfw", "digits_heldout"],
+        data_root=data_root,
+        tracking_uri=mlflow_server.url,
+        experiment="transfer-final-start-failure",
+        sets=[*FAST, "lfw.refit=true"],
+    )
+    parent = MlflowClient(mlflow_server.url).get_run(result.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[cmp.status_tag("lfw")] == cmp.STATUS_FAILED
+    assert (
+        "could not start: ConnectionError: tracking server unreachable" in parent.data.tags[f"{transfer.ERROR_TAG}/lfw"]
+    )
+    assert parent.data.tags[cmp.status_tag("digits_heldout")] == cmp.STATUS_OK  # the sibling is unaffected
