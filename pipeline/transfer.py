@@ -421,7 +421,7 @@ def finetune(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, 
     accumulate to the recipe's batch.
     """
     from pipeline.data import DataConfig, build_train_loader, normalize
-    from pipeline.data.config import SOURCE_SEPARATOR
+    from pipeline.data.config import join_sources
 
     sink = log_metrics or (lambda metrics, step: None)
     recipe = spec.recipe
@@ -438,7 +438,7 @@ def finetune(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, 
     micro = recipe.micro_batch_size or recipe.batch_size
     refit = spec.stage == "final"  # trains on train + minival, so it is evaluated on test only
     data = DataConfig(
-        train=f"{spec.urls['train']} {SOURCE_SEPARATOR} {spec.urls['minival']}" if refit else spec.urls["train"],
+        train=join_sources([spec.urls["train"], spec.urls["minival"]]) if refit else spec.urls["train"],
         image_size=recipe.resolution,
         workers=spec.loader_workers,
         crop_scale=recipe.crop_scale,
@@ -517,7 +517,7 @@ def fewshot(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, f
     Of the training split only the drawn examples are decoded and embedded (their keys and labels are read first):
     at most 25 shots x classes x seeds, however large the split (ImageNet: 75k of 1.28M images)."""
     from pipeline.data import DataError, build_eval_loader, normalize, read_labels
-    from pipeline.data.config import SOURCE_SEPARATOR
+    from pipeline.data.config import join_sources
     from pipeline.fewshot import drawn_features, extract_features, fewshot_eval, fewshot_metrics
 
     device = _device(spec.num_gpus)
@@ -548,7 +548,7 @@ def fewshot(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, f
         pairs = zip(train_split.keys, train_split.shards, strict=True)
         shards = list(dict.fromkeys(shard for key, shard in pairs if key in wanted))
         out = {}
-        for batch in loader("train", only_keys=keys, url=f" {SOURCE_SEPARATOR} ".join(shards)).batches():
+        for batch in loader("train", only_keys=keys, url=join_sources(shards)).batches():
             feats = vit.pre_logits(normalize(batch.images.to(device))).float().cpu().numpy()
             out.update(zip(batch.keys, feats, strict=True))
         return out
@@ -781,10 +781,10 @@ def _check_benchmark_data(b: bench.Benchmark, urls: dict[str, str], root: str, *
 def _check_refit_data(b: bench.Benchmark, urls: dict[str, str]) -> list[str]:
     """Final runs read train and minival as one set, after every selection run: check now that they can."""
     from pipeline.data import DataConfig, DataError, check_data
-    from pipeline.data.config import SOURCE_SEPARATOR
+    from pipeline.data.config import join_sources
 
     try:
-        check_data(DataConfig(train=f"{urls['train']} {SOURCE_SEPARATOR} {urls['minival']}", workers=0), world_size=1)
+        check_data(DataConfig(train=join_sources([urls["train"], urls["minival"]]), workers=0), world_size=1)
     except DataError as exc:
         return [f"benchmark {b.name!r}: its final runs train on train + minival, which cannot be read as one: {exc}"]
     return []

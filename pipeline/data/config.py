@@ -23,6 +23,11 @@ def split_sources(url: str) -> list[str]:
     return [part.strip() for part in url.split(SOURCE_SEPARATOR)]
 
 
+def join_sources(urls: list[str] | tuple[str, ...]) -> str:
+    """One data URL reading ``urls`` (manifests, patterns or shards) as one set; the inverse of `split_sources`."""
+    return f" {SOURCE_SEPARATOR} ".join(urls)
+
+
 def _check_data_url(url: str, field_name: str) -> str:
     try:
         return SOURCE_SEPARATOR.join(storage.check_url(part, field=field_name) for part in split_sources(url))

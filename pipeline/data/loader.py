@@ -63,7 +63,8 @@ LOG_INTERVAL_S = 30.0
 
 def _resolve(url: str) -> tuple[list[str], dict[str, Any] | None]:
     """Shard URLs and the manifest (None for a brace pattern); several ``::``-joined sources are read as one."""
-    sources = [_resolve_one(part) for part in split_sources(url)]
+    parts = split_sources(url)
+    sources = [_resolve_one(part) for part in parts]
     if len(sources) == 1:
         return sources[0]
     urls = [u for source_urls, _ in sources for u in source_urls]
@@ -71,11 +72,11 @@ def _resolve(url: str) -> tuple[list[str], dict[str, Any] | None]:
     if any(m is None for m in manifests):
         return urls, None  # a brace pattern among them: nothing is known about the whole
     first = manifests[0]
-    for part, m in zip(split_sources(url)[1:], manifests[1:], strict=True):
+    for part, m in zip(parts[1:], manifests[1:], strict=True):
         if m["num_classes"] != first["num_classes"] or m.get("class_names") != first.get("class_names"):
             raise DataError(
                 f"{part} has other classes ({m['num_classes']}: {m.get('class_names')}) than "
-                f"{split_sources(url)[0]} ({first['num_classes']}: {first.get('class_names')}); only splits of "
+                f"{parts[0]} ({first['num_classes']}: {first.get('class_names')}); only splits of "
                 "one dataset can be read as one"
             )
     counts = [m.get("class_counts") for m in manifests]
@@ -221,16 +222,24 @@ def shuffle_buffer(items: Iterable[Any], size: int, rng: np.random.Generator) ->
         yield buffer.pop()
 
 
+def _record_problem(sample: shardlib.RawSample, num_classes: int | None) -> str | None:
+    """Why a sample is bad before its image is decoded (unreadable, or a label outside the manifest's classes), or
+    None. Training, evaluation and label-only reads judge samples alike: an unknown label is bad data, not a class."""
+    if sample.error is not None:
+        return sample.error
+    if num_classes is not None and sample.label >= num_classes:
+        return f"label {sample.label} >= num_classes {num_classes}"
+    return None
+
+
 def _decoded(
     sample: shardlib.RawSample, num_classes: int | None, transform: Callable[[Any], torch.Tensor]
 ) -> tuple[torch.Tensor | None, str | None]:
     """The sample's image through ``transform``, or why the sample is bad (unreadable, label out of range, or not
-    an image). Training and evaluation judge samples alike: a label the manifest does not know is bad data, not a
-    new class."""
-    if sample.error is not None:
-        return None, sample.error
-    if num_classes is not None and sample.label >= num_classes:
-        return None, f"label {sample.label} >= num_classes {num_classes}"
+    an image)."""
+    error = _record_problem(sample, num_classes)
+    if error is not None:
+        return None, error
     try:
         return transform(sample.image), None
     except DecodeError as exc:
@@ -711,7 +720,7 @@ def read_labels(url: str) -> SplitLabels:
     bad: Counter[str] = Counter()
     for shard in urls:
         for sample in shardlib.iter_shard(shard):
-            if sample.error is None and (num_classes is None or sample.label < num_classes):
+            if _record_problem(sample, num_classes) is None:
                 keys.append(sample.key)
                 labels.append(sample.label)
                 where.append(shard)
