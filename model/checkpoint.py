@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from model.pos_embed import resample_pos_embed
-from model.variants import SIZES
+from model.variants import SIZES, parse_variant
 from model.vit import VisionTransformer
 
 OFFICIAL_PREFIXES = ("", "opt/target/", "params/", "params/img/")
@@ -110,14 +110,24 @@ def _to_tensor(key: str, array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def _from_official(raw: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str], int | None]:
-    """JAX/Flax layout -> our names. Also returns the number of heads stored in the q/k/v kernels."""
-    prefix = next((p for p in OFFICIAL_PREFIXES if f"{p}embedding/kernel" in raw), None)
+# Where the layouts keep the position embedding; only the first includes a class-token slot.
+POS_EMBED_KEYS = ("Transformer/posembed_input/pos_embedding", "pos_embedding", "Transformer/pos_embedding")
+
+
+def _official_prefix(keys: Mapping[str, Any]) -> str:
+    """The prefix the official layout's keys sit under (see OFFICIAL_PREFIXES)."""
+    prefix = next((p for p in OFFICIAL_PREFIXES if f"{p}embedding/kernel" in keys), None)
     if prefix is None:
         raise CheckpointMismatchError(
             "No 'embedding/kernel' found: this is not a ViT checkpoint in the official JAX layout "
-            f"(first keys: {sorted(raw)[:5]})."
+            f"(first keys: {sorted(keys)[:5]})."
         )
+    return prefix
+
+
+def _from_official(raw: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str], int | None]:
+    """JAX/Flax layout -> our names. Also returns the number of heads stored in the q/k/v kernels."""
+    prefix = _official_prefix(raw)
     w: dict[str, np.ndarray] = {}
     for key, value in raw.items():
         if not key.startswith(prefix):
@@ -160,7 +170,7 @@ def _from_official(raw: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[s
     put("patch_embed.proj.bias", "embedding/bias", take("embedding/bias"))
     if "cls" in w:
         put("cls_token", "cls", take("cls"))
-    for src in ("Transformer/posembed_input/pos_embedding", "pos_embedding", "Transformer/pos_embedding"):
+    for src in POS_EMBED_KEYS:
         if src in w:
             put("pos_embed", src, take(src))
             break
@@ -268,12 +278,7 @@ def npz_architecture(file: IO[bytes]) -> NpzArchitecture:
     """The network an official .npz holds, from its array headers only: a job checks a remote multi-gigabyte
     checkpoint against the requested variant with a few small reads, before it fans out work that loads it."""
     shapes = npz_shapes(file)
-    prefix = next((p for p in OFFICIAL_PREFIXES if f"{p}embedding/kernel" in shapes), None)
-    if prefix is None:
-        raise CheckpointMismatchError(
-            "No 'embedding/kernel' found: this is not a ViT checkpoint in the official JAX layout "
-            f"(first keys: {sorted(shapes)[:5]})."
-        )
+    prefix = _official_prefix(shapes)
     ours = {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}
     patch, width = ours["embedding/kernel"][0], ours["embedding/kernel"][-1]
     scanned = "Transformer/encoderblock/"
@@ -293,10 +298,9 @@ def npz_architecture(file: IO[bytes]) -> NpzArchitecture:
         raise CheckpointMismatchError("No MLP kernel found in the first encoder block: not a plain ViT checkpoint.")
     has_cls = "cls" in ours
     grid = None
-    for key in ("Transformer/posembed_input/pos_embedding", "pos_embedding", "Transformer/pos_embedding"):
+    for key in POS_EMBED_KEYS:
         if key in ours:
-            # Only the first layout keeps a class-token slot in the position embedding.
-            tokens = ours[key][-2] - (1 if has_cls and key == "Transformer/posembed_input/pos_embedding" else 0)
+            tokens = ours[key][-2] - (1 if has_cls and key == POS_EMBED_KEYS[0] else 0)
             side = math.isqrt(tokens)
             grid = side if side * side == tokens else None
             break
@@ -309,8 +313,6 @@ def check_npz_architecture(file: IO[bytes], variant: str, *, pool: str | None = 
     checks as `load_checkpoint`'s first ones (network shape, heads, class token); CheckpointMismatchError with the
     fix if not.
     """
-    from model.variants import parse_variant
-
     want = parse_variant(variant)
     arch = npz_architecture(file)
     found = (arch.width, arch.depth, arch.patch_size, arch.mlp_dim)

@@ -209,17 +209,21 @@ def fewshot_eval(
 
 
 @torch.no_grad()
+def embed(vit: torch.nn.Module, images: torch.Tensor, *, device: torch.device | str = "cpu") -> np.ndarray:
+    """Pre-logits features [B, D] of uint8 images [B, 3, S, S] with a frozen model (in eval mode)."""
+    from pipeline.data import normalize  # imported late: the data module is only needed where images are read
+
+    return vit.pre_logits(normalize(images.to(device))).float().cpu().numpy()
+
+
 def extract_features(
     vit: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, device: torch.device | str = "cpu"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pre-logits features of every image in ``batches`` (uint8 [B, 3, S, S], labels [B]) with a frozen model."""
-    from pipeline.data import normalize  # imported late: the data module is only needed where images are read
-
     vit.eval()
     feats, labels = [], []
     for images, targets in batches:
-        x = normalize(images.to(device))
-        feats.append(vit.pre_logits(x).float().cpu().numpy())
+        feats.append(embed(vit, images, device=device))
         labels.append(targets.cpu().numpy())
     if not feats:
         raise ValueError("no images to extract features from: the split is empty")

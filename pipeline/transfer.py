@@ -516,9 +516,9 @@ def fewshot(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, f
 
     Of the training split only the drawn examples are decoded and embedded (their keys and labels are read first):
     at most 25 shots x classes x seeds, however large the split (ImageNet: 75k of 1.28M images)."""
-    from pipeline.data import DataError, build_eval_loader, normalize, read_labels
+    from pipeline.data import DataError, build_eval_loader, read_labels
     from pipeline.data.config import join_sources
-    from pipeline.fewshot import drawn_features, extract_features, fewshot_eval, fewshot_metrics
+    from pipeline.fewshot import drawn_features, embed, extract_features, fewshot_eval, fewshot_metrics
 
     device = _device(spec.num_gpus)
     start = time.perf_counter()
@@ -541,7 +541,6 @@ def fewshot(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, f
         except ValueError as exc:  # nothing readable: say which shards were bad
             raise DataError(f"{split} split {spec.urls[split]}: {exc} (bad samples: {batches.bad_by_shard})") from None
 
-    @torch.no_grad()
     def features_of(keys: list[str]) -> dict[str, np.ndarray]:
         # Only the shards holding these keys are read again (in stored order).
         wanted = set(keys)
@@ -549,8 +548,7 @@ def fewshot(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, f
         shards = list(dict.fromkeys(shard for key, shard in pairs if key in wanted))
         out = {}
         for batch in loader("train", only_keys=keys, url=join_sources(shards)).batches():
-            feats = vit.pre_logits(normalize(batch.images.to(device))).float().cpu().numpy()
-            out.update(zip(batch.keys, feats, strict=True))
+            out.update(zip(batch.keys, embed(vit, batch.images, device=device), strict=True))
         return out
 
     train_split = read_labels(spec.urls["train"])
