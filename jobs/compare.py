@@ -57,12 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compare: {exc}", file=sys.stderr)
         return 2
     print(result.table.to_markdown())
-    gains = result.table.pretraining_gains()
+    gains = result.table.gains_markdown()
     if gains:
-        print("value of pretraining (pretrained minus from-scratch accuracy; spread: the larger std over seeds):")
-        for gain in gains:
-            print(f"  {gain.text()}")
-        print()
+        print(gains)
     for kind, path in result.files.items():
         print(f"compare: {kind}: {path}")
     if result.run_id:

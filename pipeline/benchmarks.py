@@ -101,6 +101,12 @@ class Recipe(pydantic.BaseModel, extra="forbid", frozen=True):
         return self
 
     @property
+    def selects_lr(self) -> bool:
+        """Whether selection runs (trained on train, judged on minival) are made: always without refit; with refit
+        only when there is more than one learning rate to choose from."""
+        return not self.refit or len(self.lrs) > 1
+
+    @property
     def accumulation(self) -> int:
         return self.batch_size // (self.micro_batch_size or self.batch_size)
 

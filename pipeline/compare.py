@@ -106,11 +106,8 @@ class PretrainingGain:
             return "no spread over seeds recorded (one seed, or an aggregate row), nothing to judge against"
         if abs(self.gain) <= self.spread:
             return "within the spread across seeds"
-        return (
-            "pretraining helps, beyond the spread across seeds"
-            if self.gain > 0
-            else ("pretraining hurts, beyond the spread across seeds")
-        )
+        direction = "helps" if self.gain > 0 else "hurts"
+        return f"pretraining {direction}, beyond the spread across seeds"
 
     def text(self) -> str:
         spread = "" if self.spread is None else f" (spread {self.spread:.2f})"
@@ -142,6 +139,17 @@ class ComparisonTable:
                 spread = max(stds) if stds else None
                 gains.append(PretrainingGain(column.name, baseline.name, row, ours.value - theirs.value, spread))
         return gains
+
+    def gains_markdown(self) -> str:
+        """The value-of-pretraining section (empty without a from-scratch baseline), printed and in comparison.md."""
+        gains = self.pretraining_gains()
+        if not gains:
+            return ""
+        lines = "".join(f"- {g.text()}\n" for g in gains)
+        return (
+            "## Value of pretraining\n\nPretrained minus from-scratch accuracy; spread: the larger std over seeds.\n\n"
+            + lines
+        )
 
     def to_markdown(self) -> str:
         header = ["benchmark", *(c.name for c in self.columns)]
@@ -373,9 +381,8 @@ def write_outputs(table: ComparisonTable, out_dir: str | Path) -> dict[str, Path
         "csv": out / "comparison.csv",
         "long_csv": out / "comparison_long.csv",
     }
-    gains = table.pretraining_gains()
-    gains_text = "".join(f"- {g.text()}\n" for g in gains)
-    files["markdown"].write_text(table.to_markdown() + (f"\n## Value of pretraining\n\n{gains_text}" if gains else ""))
+    gains = table.gains_markdown()
+    files["markdown"].write_text(table.to_markdown() + (f"\n{gains}" if gains else ""))
     files["csv"].write_text(table.to_csv())
     files["long_csv"].write_text(table.to_long_csv())
     files["png"] = table.plot(out / "comparison.png")

@@ -190,6 +190,11 @@ def completed_export(plan: Plan) -> str | None:
     return plan.export_dir
 
 
+def running_as_ray_job() -> bool:
+    """True in the entrypoint of a `ray job submit`, which gives it the job's runtime env in this variable."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
 def connect_ray(address: str | None = None) -> None:
     """Join the Ray cluster at ``address`` / $RAY_ADDRESS, or start a local one, shipping this code to the workers.
 
@@ -200,9 +205,8 @@ def connect_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    # `ray job submit` gives its entrypoint the job's runtime env in this variable; Ray refuses a second working_dir.
-    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-    runtime_env = None if in_job else {"working_dir": str(REPO_ROOT)}
+    # Ray refuses a second working_dir for a job's entrypoint.
+    runtime_env = None if running_as_ray_job() else {"working_dir": str(REPO_ROOT)}
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
 
 

@@ -650,7 +650,7 @@ class SweepPlan:
                     out.append(
                         self._run(p, init, kind="fewshot", shots=self.cfg.fewshot, fewshot_seeds=self.cfg.fewshot_seeds)
                     )
-                if p.recipe.refit and len(p.recipe.lrs) == 1:
+                if not p.recipe.selects_lr:
                     out += self.final_specs(p.benchmark.name, init, p.recipe.lrs[0])
                     continue
                 for lr in p.recipe.lrs:
@@ -665,7 +665,7 @@ class SweepPlan:
     def selection_runs(self, benchmark: str) -> int:
         """Selection runs per init (0 when there is only one learning rate to refit with)."""
         recipe = self.benchmark(benchmark).recipe
-        return 0 if recipe.refit and len(recipe.lrs) == 1 else len(recipe.lrs) * recipe.seeds
+        return len(recipe.lrs) * recipe.seeds if recipe.selects_lr else 0
 
 
 def choose_lr(outcomes: list[RunOutcome], lrs: Sequence[float]) -> float | None:
@@ -809,9 +809,7 @@ def _check_real_labels(b: bench.Benchmark, real_url: str, test_url: str) -> list
 
 
 def _check_resolutions(source: ModelSource, plans: list[BenchmarkPlan]) -> list[str]:
-    from model.variants import parse_variant
-
-    patch = parse_variant(source.spec["variant"]).patch_size
+    patch = vit_model.parse_variant(source.spec["variant"]).patch_size
     return [
         f"{p.benchmark.name}: recipe.resolution={p.recipe.resolution} is not a multiple of the patch size {patch} of "
         f"{source.spec['variant']}; use e.g. {max(patch, p.recipe.resolution // patch * patch)}"
@@ -865,7 +863,8 @@ def summarise(outcomes: list[RunOutcome], plan: SweepPlan, init: str) -> tuple[d
             # The paper's protocol: the chosen learning rate retrained on train + minival; with a single learning
             # rate there was nothing to choose and only those runs exist.
             reported = [o for o in tuned if o.status == "FINISHED" and o.spec.stage == "final"]
-            best_lr = best_lr if by_lr else (p.recipe.lrs[0] if len(p.recipe.lrs) == 1 else None)
+            if not p.recipe.selects_lr:
+                best_lr = p.recipe.lrs[0]
         else:
             reported = by_lr.get(best_lr, []) if best_lr is not None else []
         if reported:
@@ -955,7 +954,9 @@ WAIT_REPORT_S = 600
 
 def _joined_a_cluster(cfg: TransferConfig) -> bool:
     """True when the sweep runs on a Ray cluster that existed before it (a job, an address), not a local one."""
-    return bool(cfg.ray_address or os.environ.get("RAY_ADDRESS") or "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ)
+    from pipeline.train import running_as_ray_job
+
+    return bool(cfg.ray_address or os.environ.get("RAY_ADDRESS") or running_as_ray_job())
 
 
 def _connect_ray(cfg: TransferConfig) -> None:
