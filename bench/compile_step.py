@@ -19,7 +19,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,18 +26,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.model_step import CONFIGS as CPU_CONFIGS  # the same two CPU shapes as the ours-vs-timm step bench
+from bench.model_step import Config
 from model import create_vit
 
-
-@dataclass(frozen=True)
-class Config:
-    variant: str
-    img_size: int
-    batch: int
-    num_classes: int
-
-
-CPU_CONFIGS = [Config("Mi/4", 32, 64, 10), Config("Ti/16", 224, 8, 1000)]
 GPU_CONFIGS = [Config("B/16", 224, 64, 1000), Config("Ti/16", 224, 256, 1000)]
 
 
