@@ -7,13 +7,16 @@ must start from exactly the checkpoint's weights, with its head dropped.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from fixtures.official_npz import to_official
 
 import model as vit_model
-from pipeline import transfer
+from pipeline import benchmarks as bench
+from pipeline import storage, transfer
 from pipeline.config import ConfigError
 from pipeline.data.prepare import PrepareOptions, prepare
 
@@ -46,6 +49,23 @@ def checkpoint(tmp_path_factory):
 def _config(data_root, url, *extra):
     fields = {"pretrained": url, "benchmarks": ["digits_heldout"], "data_root": data_root, "fewshot": (1,)}
     return transfer.build_config(fields, [*FAST, "variant=Mi/4", "checkpoint_img_size=16", *extra])
+
+
+@pytest.fixture
+def digits_variant(data_root, tmp_path):
+    """Register a copy of digits_heldout under another name, with changed fields, and its shards under a root of
+    its own (returned): digits_variant(name, **update) -> data root URL. Unregistered afterwards."""
+    registered = []
+
+    def make(name: str, **update) -> str:
+        bench.register(bench.REGISTRY["digits_heldout"].model_copy(update={"name": name, **update}), replace=True)
+        registered.append(name)
+        storage.download_dir(f"{data_root}/digits_heldout", tmp_path / name)
+        return f"file://{tmp_path}"
+
+    yield make
+    for name in registered:
+        del bench.REGISTRY[name]
 
 
 def test_an_official_npz_is_loaded_as_is_and_fine_tuned_with_a_new_head(data_root, checkpoint):
@@ -90,8 +110,6 @@ def test_an_npz_of_another_architecture_is_refused_before_any_run_with_the_right
 
 def test_a_checkpoint_on_gcs_is_checked_from_its_headers_only(gcs_bucket, tmp_path):
     """A B/16-sized checkpoint (330 MiB) on the GCS emulator: the architecture check must not download it."""
-    from pipeline import storage
-
     vit = vit_model.create_vit("B/16", num_classes=0)
     local = tmp_path / "B_16.npz"
     np.savez(local, **to_official(vit.state_dict(), heads=12))
@@ -140,53 +158,38 @@ def test_an_npz_with_a_pre_logits_layer_is_described_by_its_own_headers(data_roo
         transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4", "checkpoint_representation_size=32"]))
 
 
-def test_the_fine_tuning_resolution_follows_the_model_unless_set(data_root, checkpoint, monkeypatch, tmp_path):
-    from pipeline import benchmarks as bench
-    from pipeline import storage
-
+def test_the_fine_tuning_resolution_follows_the_model_unless_set(
+    data_root, checkpoint, digits_variant, monkeypatch, tmp_path
+):
     _, url = checkpoint
     # A paper-suite benchmark on the digits shards, and Mi/4 treated like the paper's large models (as L/16 -> 512).
-    paperlike = bench.REGISTRY["digits_heldout"].model_copy(update={"name": "digits_paperlike", "suite": "paper"})
-    bench.register(paperlike, replace=True)
     monkeypatch.setitem(bench.HIGH_RES_FINETUNE, "Mi/4", 20)
-    root = f"file://{tmp_path}"
-    for name in ("digits_heldout", "digits_paperlike"):
-        storage.download_dir(f"{data_root}/digits_heldout", tmp_path / name)
-    try:
-        fields = {"pretrained": url, "benchmarks": ["digits_heldout", "digits_paperlike"], "data_root": root}
-        no_resolution = [s for s in FAST if not s.startswith("resolution=")]
-        plan = transfer.plan_sweep(transfer.build_config(fields, [*no_resolution, "variant=Mi/4"]))
-        got = {p.benchmark.name: p.recipe.resolution for p in plan.benchmarks}
-        assert got == {"digits_heldout": bench.REGISTRY["digits_heldout"].recipe.resolution, "digits_paperlike": 20}
+    root = digits_variant("digits_paperlike", suite="paper")
+    storage.download_dir(f"{data_root}/digits_heldout", tmp_path / "digits_heldout")  # beside it, the original
+    fields = {"pretrained": url, "benchmarks": ["digits_heldout", "digits_paperlike"], "data_root": root}
+    no_resolution = [s for s in FAST if not s.startswith("resolution=")]
+    plan = transfer.plan_sweep(transfer.build_config(fields, [*no_resolution, "variant=Mi/4"]))
+    got = {p.benchmark.name: p.recipe.resolution for p in plan.benchmarks}
+    assert got == {"digits_heldout": bench.REGISTRY["digits_heldout"].recipe.resolution, "digits_paperlike": 20}
 
-        plan = transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4"]))  # resolution=24 set
-        assert {p.recipe.resolution for p in plan.benchmarks} == {24}
-    finally:
-        del bench.REGISTRY["digits_paperlike"]
+    plan = transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4"]))  # resolution=24 set
+    assert {p.recipe.resolution for p in plan.benchmarks} == {24}
 
 
 @pytest.fixture
-def digits_with_real(data_root, tmp_path):
+def digits_with_real(digits_variant, tmp_path):
     """digits_heldout registered as a benchmark with ReaL-style labels (here: each test image's own label)."""
-    import json
-
-    from pipeline import benchmarks as bench
-    from pipeline import storage
     from pipeline.data import build_eval_loader
 
-    b = bench.REGISTRY["digits_heldout"].model_copy(update={"name": "digits_real", "real_labels": True})
-    bench.register(b, replace=True)
-    storage.download_dir(f"{data_root}/digits_heldout", tmp_path / "digits_real")
-    test = f"file://{tmp_path}/digits_real/test.manifest.json"
+    root = digits_variant("digits_real", real_labels=True)
+    test = f"{root}/digits_real/test.manifest.json"
     labels = [int(y) for _, ys in build_eval_loader(test, image_size=8, batch_size=64, crop_fraction=None) for y in ys]
     (tmp_path / "digits_real" / "real_labels.json").write_text(json.dumps([[y] for y in labels]))
-    yield f"file://{tmp_path}", tmp_path / "digits_real"
-    del bench.REGISTRY["digits_real"]
+    return root, tmp_path / "digits_real"
 
 
 def test_real_labels_are_checked_at_planning_and_withheld_when_test_images_are_unreadable(checkpoint, digits_with_real):
     import io
-    import json
     import tarfile
 
     _, url = checkpoint
@@ -220,30 +223,19 @@ def test_real_labels_are_checked_at_planning_and_withheld_when_test_images_are_u
     assert "real_accuracy" not in tuned
 
 
-def test_a_refit_benchmark_whose_minival_has_other_classes_is_refused_at_planning(data_root, checkpoint, tmp_path):
-    import json
-
-    from pipeline import benchmarks as bench
-    from pipeline import storage
-
+def test_a_refit_benchmark_whose_minival_has_other_classes_is_refused_at_planning(checkpoint, digits_variant, tmp_path):
     _, url = checkpoint
-    digits = bench.REGISTRY["digits_heldout"]
-    refit = digits.model_copy(
-        update={"name": "digits_refit", "recipe": digits.recipe.model_copy(update={"refit": True})}
-    )
-    bench.register(refit, replace=True)
-    storage.download_dir(f"{data_root}/digits_heldout", tmp_path / "digits_refit")
-    fields = {"pretrained": url, "benchmarks": ["digits_refit"], "data_root": f"file://{tmp_path}"}
-    try:
-        plan = transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4"]))
-        assert {s.stage for s in plan.specs() if s.kind == "finetune"} == {"final"}  # one lr: final runs only
-        minival = tmp_path / "digits_refit" / "minival.manifest.json"
-        manifest = json.loads(minival.read_text())
-        manifest["class_names"] = [f"other-{name}" for name in manifest["class_names"]]
-        minival.write_text(json.dumps(manifest))
-        with pytest.raises(
-            ConfigError, match=r"'digits_refit': its final runs train on train \+ minival, which cannot"
-        ):
-            transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4"]))
-    finally:
-        del bench.REGISTRY["digits_refit"]
+    recipe = bench.REGISTRY["digits_heldout"].recipe.model_copy(update={"refit": True})
+    fields = {
+        "pretrained": url,
+        "benchmarks": ["digits_refit"],
+        "data_root": digits_variant("digits_refit", recipe=recipe),
+    }
+    plan = transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4"]))
+    assert {s.stage for s in plan.specs() if s.kind == "finetune"} == {"final"}  # one lr: final runs only
+    minival = tmp_path / "digits_refit" / "minival.manifest.json"
+    manifest = json.loads(minival.read_text())
+    manifest["class_names"] = [f"other-{name}" for name in manifest["class_names"]]
+    minival.write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"'digits_refit': its final runs train on train \+ minival, which cannot"):
+        transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4"]))
