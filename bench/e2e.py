@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import create_vit, parse_variant
-from pipeline import presets
+from pipeline.config import presets
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,9 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline import benchmarks, presets, storage  # noqa: E402
-from pipeline.config import default_runs_root  # noqa: E402
+from pipeline import storage  # noqa: E402
+from pipeline.config import default_runs_root, presets  # noqa: E402
 from pipeline.transfer import local_data_root  # noqa: E402
+from pipeline.transfer import tasks as benchmarks  # noqa: E402
 
 TRANSFER_BENCHMARKS = ("digits_heldout", "lfw")
 

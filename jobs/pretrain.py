@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import ConfigError, load_config
-from pipeline.presets import DEFAULT_PRESET, PRESETS
+from pipeline.config.presets import DEFAULT_PRESET, PRESETS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(json.dumps(cfg.model_dump(mode="json"), indent=2))
             return 0
-        from pipeline import train
+        from pipeline import pretrain as train
 
         plan = train.preflight(cfg)
     except ConfigError as exc:

@@ -3,7 +3,11 @@
 Pure PyTorch: no IO beyond reading a local weights file, nothing distributed.
 """
 
-from model.checkpoint import (
+from model.flops import flops, param_count, train_flops_per_image
+from model.pos_embed import resample_pos_embed
+from model.variants import SIZES, ViTShape, parse_variant
+from model.vit import VisionTransformer, ViTSpec, create_vit
+from model.weights import (
     CheckpointMismatchError,
     LoadInfo,
     NpzArchitecture,
@@ -12,10 +16,6 @@ from model.checkpoint import (
     npz_architecture,
     npz_shapes,
 )
-from model.flops import flops, param_count, train_flops_per_image
-from model.pos_embed import resample_pos_embed
-from model.variants import SIZES, ViTShape, parse_variant
-from model.vit import VisionTransformer, ViTSpec, create_vit
 
 __all__ = [
     "SIZES",

@@ -1,6 +1,6 @@
 """Fault injection for the reliability tests: a real SIGKILL or exception at a named point of a pretraining run.
 
-Off unless ``VITPIPE_FAULTS`` is set (in the driver's environment; ``pipeline.train.run`` forwards it to the Ray
+Off unless ``VITPIPE_FAULTS`` is set (in the driver's environment; ``pipeline.pretrain.run`` forwards it to the Ray
 Train workers). Never set it in production. The value is a comma-separated list of ``<action>@<point>:<step>:<rank>``:
 
 - actions: ``kill`` (``SIGKILL`` of the worker's own process: no cleanup, no exception, as the OOM killer or a

@@ -1,7 +1,7 @@
 """The ViT paper's published transfer results (Dosovitskiy et al. 2020, Table 2), used as reference columns.
 
 Top-1 accuracy in percent, mean over three fine-tuning runs as published. Keys are the row names the transfer
-sweep writes (``pipeline.benchmarks`` names; ``imagenet_real`` is ImageNet evaluated with the ReaL labels and
+sweep writes (``pipeline.transfer.tasks`` names; ``imagenet_real`` is ImageNet evaluated with the ReaL labels and
 ``vtab`` the mean over the 19 VTAB-1k tasks).
 """
 

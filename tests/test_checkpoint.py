@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint as ckpt
 from pipeline import storage
+from pipeline.pretrain import checkpoints as ckpt
 
 
 def _fake_step(checkpoint_dir: str, step: int, *, complete: bool, info: dict | None = None) -> str:
@@ -38,7 +38,7 @@ def test_latest_complete_skips_incomplete_ones_and_says_so(
     _fake_step(checkpoint_dir, 100, complete=True)
     _fake_step(checkpoint_dir, 200, complete=True, info={"world_size": 2})
     _fake_step(checkpoint_dir, 300, complete=False)
-    with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
+    with caplog.at_level("WARNING", logger="pipeline.pretrain.checkpoints"):
         ref = ckpt.latest_complete(checkpoint_dir)
     assert ref is not None and ref.step == 200 and ref.info["world_size"] == 2
     assert ref.url.endswith("/step_00000200")
@@ -109,7 +109,7 @@ class _NotAllowed:
 
 
 def test_deepspeed_checkpoints_are_loaded_weights_only(tmp_path: Path) -> None:
-    from pipeline.engine import SafeCheckpointEngine
+    from pipeline.pretrain.engine import SafeCheckpointEngine
 
     engine = SafeCheckpointEngine(None)
     ok = tmp_path / "ok.pt"

@@ -11,11 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import presets
-from pipeline.config import ConfigError, PretrainConfig, apply_overrides, load_config, make_plan, parse_override
+from pipeline.config import (
+    ConfigError,
+    PretrainConfig,
+    apply_overrides,
+    load_config,
+    make_plan,
+    parse_override,
+    presets,
+)
 from pipeline.data import DataInfo
+from pipeline.pretrain import checkpoint_info, preflight
 from pipeline.schedules import warmup_linear_decay
-from pipeline.train import checkpoint_info, preflight
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import statistics
 import numpy as np
 import pytest
 
-from pipeline.fewshot import (
+from pipeline.transfer.fewshot import (
     drawn_features,
     fewshot_eval,
     fewshot_metrics,

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoint as ckpt
 from pipeline import storage
 from pipeline.config import load_config
 from pipeline.export import export_metadata, load_exported_model
-from pipeline.train import LossNotFiniteError, preflight, run
+from pipeline.pretrain import LossNotFiniteError, preflight, run
+from pipeline.pretrain import checkpoints as ckpt
 
 pytestmark = pytest.mark.slow
 
@@ -116,7 +116,7 @@ def test_resume_is_exact(
         shutil.copytree(src / "step_00000030", dst / "step_00000030")
         (dst / "step_00000030" / storage.COMPLETE_MARKER).unlink()
         plan_b = preflight(cfg_b)
-        with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
+        with caplog.at_level("WARNING", logger="pipeline.pretrain.checkpoints"):
             assert ckpt.latest_complete(plan_b.checkpoint_dir).step == 20
         assert "skipping incomplete checkpoint" in caplog.text and "step_00000030" in caplog.text
         resumed = run(cfg_b, plan_b)

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import benchmarks
 from pipeline.config import ConfigError, load_config
 from pipeline.data.shards import ShardWriter, manifest_name
+from pipeline.transfer import tasks as benchmarks
 from tests.fixtures.gcs import make_bucket
 
 pytestmark = pytest.mark.reliability
@@ -211,7 +211,7 @@ PREFLIGHT = [
 
 @pytest.mark.parametrize(("sets", "names_the_field"), PREFLIGHT)
 def test_data_that_cannot_work_is_rejected_by_preflight_naming_the_field(data_dirs, tmp_path, sets, names_the_field):
-    from pipeline import train
+    from pipeline import pretrain as train
 
     sets = [s.format(**data_dirs) for s in sets] + [f"run.root=file://{tmp_path}/runs"]
     with pytest.raises(ConfigError) as raised:
@@ -220,7 +220,7 @@ def test_data_that_cannot_work_is_rejected_by_preflight_naming_the_field(data_di
 
 
 def test_a_bucket_that_does_not_exist_is_rejected_by_preflight(gcs_emulator, tmp_path):
-    from pipeline import train
+    from pipeline import pretrain as train
 
     missing = make_bucket().replace("gs://test-", "gs://absent-")  # same emulator, a name nobody created
     cfg = load_config("tiny", [f"data.train={missing}/train-{{000000..000003}}.tar", f"run.root=file://{tmp_path}"])

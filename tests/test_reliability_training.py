@@ -28,11 +28,11 @@ import psutil
 import pytest
 import torch
 
-from pipeline import faults, ledger, storage
+from pipeline import faults, storage
 from pipeline.config import ConfigError, Plan, load_config
 from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.export import load_exported_model
-from pipeline.train import RunResult, preflight, run
+from pipeline.pretrain import RunResult, ledger, preflight, run
 from tests.test_reliability_config import CONFIG_ERROR_EXIT, PROBE, REPO, _closed_port
 
 pytestmark = pytest.mark.reliability
@@ -386,7 +386,7 @@ def gcs_outages(digits80, baseline, gcs_emulator, ray_connected) -> OutageRuns:
     run_dir = f"{bucket[len('gs://') :]}/runs/outage"
     overrides = _overrides(f"{bucket}/digits80/train.manifest.json", f"{bucket}/runs", "outage")
     with FaultyProxy(gcs_emulator.endpoint) as proxy, pytest.MonkeyPatch.context() as patch:
-        # The driver and (forwarded by pipeline.train.run) the Ray workers reach GCS only through the proxy.
+        # The driver and (forwarded by pipeline.pretrain.run) the Ray workers reach GCS only through the proxy.
         patch.setenv(storage.EMULATOR_ENV, proxy.url)
         gcsfs.GCSFileSystem.clear_instance_cache()
         cfg = load_config("tiny", overrides)
@@ -441,7 +441,7 @@ def test_a_10s_gcs_outage_mid_training_is_ridden_out_without_losing_or_repeating
     gcs_outages, baseline, digits80
 ) -> None:
     # While training runs the driver does not touch storage: these requests came from the Ray workers, which
-    # therefore reach GCS through the proxy (pipeline.train.run forwards STORAGE_EMULATOR_HOST to them).
+    # therefore reach GCS through the proxy (pipeline.pretrain.run forwards STORAGE_EMULATOR_HOST to them).
     assert gcs_outages.short_503s >= 1, "the outage never met a request"
     assert gcs_outages.stall_s >= SHORT_OUTAGE_S * 0.5, "training did not wait for storage"
     # No restart happened during it (none was allowed): the first attempt trained on past the outage, to the

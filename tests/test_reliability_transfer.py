@@ -30,11 +30,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import model as vit_model
-from pipeline import benchmarks as bench
 from pipeline import compare as cmp
 from pipeline import transfer
 from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.export import save_exported_model
+from pipeline.transfer import tasks as bench
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 

@@ -15,10 +15,10 @@ import torch
 from fixtures.official_npz import to_official
 
 import model as vit_model
-from pipeline import benchmarks as bench
 from pipeline import storage, transfer
 from pipeline.config import ConfigError
 from pipeline.data.prepare import PrepareOptions, prepare
+from pipeline.transfer import tasks as bench
 
 FAST = ["resolution=24", "steps=3", "warmup_steps=1", "batch_size=8", "eval_every=3", "seeds=1", "lrs=[0.01]"]
 

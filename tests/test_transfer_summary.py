@@ -9,9 +9,9 @@ import statistics
 import numpy as np
 import pytest
 
-from pipeline import benchmarks as bench
 from pipeline import compare as cmp
 from pipeline import transfer
+from pipeline.transfer import tasks as bench
 
 
 def _plan(names, *, real=False):

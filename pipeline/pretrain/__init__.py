@@ -35,9 +35,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline import checkpoint as ckpt
-from pipeline import faults, ledger, storage, tracking
+from pipeline import faults, storage, tracking
 from pipeline.config import REPO_ROOT, ConfigError, Plan, PretrainConfig, check_durable_defaults, make_plan
+from pipeline.pretrain import checkpoints as ckpt
+from pipeline.pretrain import ledger
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def preflight(cfg: PretrainConfig) -> Plan:
     try:
         info = check_data(cfg.data, world_size=cfg.scale.workers)
     except DataError as exc:
-        from pipeline.presets import demo_data_command, demo_data_url
+        from pipeline.config.presets import demo_data_command, demo_data_url
 
         hint = f" To make the demo data run: {demo_data_command()}" if cfg.data.train == demo_data_url() else ""
         # check_data's messages usually name the field; the manifest ones do not.
@@ -359,8 +360,8 @@ def train_worker(payload: dict[str, Any]) -> None:
 
     import model as vit_model
     from pipeline.data import build_train_loader, normalize
-    from pipeline.engine import build_engine
     from pipeline.export import save_exported_model
+    from pipeline.pretrain.engine import build_engine
 
     worker_start = time.perf_counter()
     cfg = PretrainConfig.model_validate(payload["config"])

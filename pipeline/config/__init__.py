@@ -468,7 +468,7 @@ def _format_errors(exc: pydantic.ValidationError, preset: str) -> list[str]:
 
 def load_config(preset: str, overrides: list[str] | None = None) -> PretrainConfig:
     """Preset by name + ``--set`` overrides -> validated config, or ConfigError with every problem found."""
-    from pipeline.presets import get_preset
+    from pipeline.config.presets import get_preset
 
     tree = get_preset(preset)
     tree["preset"] = preset

@@ -3,8 +3,8 @@
 import pydantic
 import pytest
 
-from pipeline import benchmarks
-from pipeline.benchmarks import REGISTRY, VTAB_TASKS, Recipe, resolve, vtab_score
+from pipeline.transfer import tasks as benchmarks
+from pipeline.transfer.tasks import REGISTRY, VTAB_TASKS, Recipe, resolve, vtab_score
 
 
 def test_paper_benchmarks_follow_table_4():

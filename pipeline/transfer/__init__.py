@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 
 import model as vit_model
-from pipeline import benchmarks as bench
 from pipeline import compare as schema
 from pipeline import storage
 from pipeline.config import ConfigError, default_tracking_uri, home_dir
+from pipeline.transfer import tasks as bench
 
 log = logging.getLogger("pipeline.transfer")
 
@@ -518,7 +518,7 @@ def fewshot(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, f
     at most 25 shots x classes x seeds, however large the split (ImageNet: 75k of 1.28M images)."""
     from pipeline.data import DataError, build_eval_loader, read_labels
     from pipeline.data.config import join_sources
-    from pipeline.fewshot import drawn_features, embed, extract_features, fewshot_eval, fewshot_metrics
+    from pipeline.transfer.fewshot import drawn_features, embed, extract_features, fewshot_eval, fewshot_metrics
 
     device = _device(spec.num_gpus)
     start = time.perf_counter()
@@ -954,7 +954,7 @@ WAIT_REPORT_S = 600
 
 def _joined_a_cluster(cfg: TransferConfig) -> bool:
     """True when the sweep runs on a Ray cluster that existed before it (a job, an address), not a local one."""
-    from pipeline.train import running_as_ray_job
+    from pipeline.pretrain import running_as_ray_job
 
     return bool(cfg.ray_address or os.environ.get("RAY_ADDRESS") or running_as_ray_job())
 
@@ -962,7 +962,7 @@ def _joined_a_cluster(cfg: TransferConfig) -> bool:
 def _connect_ray(cfg: TransferConfig) -> None:
     # The same connection as pretraining: the job's cluster (RAY_ADDRESS), the given address, or a local Ray; outside
     # `ray job submit` the repository is shipped to the workers as their working dir.
-    from pipeline.train import connect_ray
+    from pipeline.pretrain import connect_ray
 
     connect_ray(cfg.ray_address)
 

@@ -98,7 +98,7 @@ def deepspeed_config(cfg: PretrainConfig, plan: Plan) -> dict[str, Any]:
         optimizer_params["fused"] = True
     zero: dict[str, Any] = {"stage": cfg.train.zero_stage}
     if cfg.train.zero_stage == 3:
-        # The export gathers fp32 weights itself (pipeline.checkpoint.consolidated_state_dict).
+        # The export gathers fp32 weights itself (pipeline.pretrain.checkpoints.consolidated_state_dict).
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     return {
         "train_batch_size": plan.global_batch,
@@ -109,7 +109,7 @@ def deepspeed_config(cfg: PretrainConfig, plan: Plan) -> dict[str, Any]:
         "bf16": {"enabled": plan.bf16},
         "optimizer": {"type": "AdamW", "params": optimizer_params},
         "checkpoint": {"tag_validation": "FAIL"},
-        "steps_per_print": 1 << 60,  # progress is printed by pipeline.train
+        "steps_per_print": 1 << 60,  # progress is printed by pipeline.pretrain
         "wall_clock_breakdown": False,
     }
 
