@@ -35,8 +35,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline import faults, storage, tracking
-from pipeline.config import REPO_ROOT, ConfigError, Plan, PretrainConfig, check_durable_defaults, make_plan
+from pipeline import cluster, faults, storage, tracking
+from pipeline.cluster import connect_ray as connect_ray  # re-exported until transfer imports pipeline.cluster
+from pipeline.cluster import running_as_ray_job as running_as_ray_job
+from pipeline.config import ConfigError, Plan, PretrainConfig, check_durable_defaults, make_plan
 from pipeline.pretrain import checkpoints as ckpt
 from pipeline.pretrain import ledger
 
@@ -191,45 +193,22 @@ def completed_export(plan: Plan) -> str | None:
     return plan.export_dir
 
 
-def running_as_ray_job() -> bool:
-    """True in the entrypoint of a `ray job submit`, which gives it the job's runtime env in this variable."""
-    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-
-
-def connect_ray(address: str | None = None) -> None:
-    """Join the Ray cluster at ``address`` / $RAY_ADDRESS, or start a local one, shipping this code to the workers.
-
-    Under ``ray job submit --working-dir .`` the job's working dir already reaches every worker; otherwise the
-    repository is sent as the working dir (git-ignored files such as runs/ and .venv stay behind).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Ray refuses a second working_dir for a job's entrypoint.
-    runtime_env = None if running_as_ray_job() else {"working_dir": str(REPO_ROOT)}
-    ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-
-
 def _warn_if_cluster_too_small(cfg: PretrainConfig) -> None:
-    """Ray waits (silently) for resources it does not have; say so up front. An autoscaling cluster may still grow,
-    so this warns rather than fails."""
+    """Ray waits (silently) for resources it does not have; say so up front. An autoscaling cluster may still grow
+    (and the driver does not know how it was connected), so this warns rather than fails."""
     import ray
 
     have = ray.cluster_resources()
     need_cpu = cfg.scale.workers * cfg.scale.cpus_per_worker
-    need_gpu = cfg.scale.workers * cfg.scale.gpus_per_worker
-    if have.get("CPU", 0) < need_cpu or have.get("GPU", 0) < need_gpu:
-        log.warning(
-            "the Ray cluster has %s CPU / %s GPU now; scale.workers=%d needs %s CPU / %s GPU: training starts only "
-            "when the cluster grows (or lower scale.workers / scale.cpus_per_worker)",
-            have.get("CPU", 0),
-            have.get("GPU", 0),
-            cfg.scale.workers,
-            need_cpu,
-            need_gpu,
-        )
-    elif cfg.data.engine == "ray" and have.get("CPU", 0) - need_cpu < 1:
+    workers = cluster.ResourceNeed(
+        f"scale.workers={cfg.scale.workers}",
+        cpus=need_cpu,
+        gpus=cfg.scale.workers * cfg.scale.gpus_per_worker,
+        cpu_fix="lower scale.workers / scale.cpus_per_worker",
+        gpu_fix="lower scale.workers / scale.gpus_per_worker",
+    )
+    short = cluster.check_resources([workers], can_grow=True, total=have)
+    if not short and cfg.data.engine == "ray" and have.get("CPU", 0) - need_cpu < 1:
         log.warning(
             "data.engine=ray runs its read/decode tasks on CPUs outside the training workers, but the workers take "
             "%s of the cluster's %s CPUs: lower scale.cpus_per_worker (e.g. 0.5) or data stalls",
