@@ -298,6 +298,7 @@ def test_loader_rate_and_cores_per_node_follow_the_throughput():
 def test_gpu_names_from_torch_map_to_their_peaks():
     assert planner.detect_gpu("NVIDIA H100 80GB HBM3").peak_bf16_flops == 989e12
     assert planner.detect_gpu("NVIDIA H100 PCIe").peak_bf16_flops == 756e12
+    assert planner.detect_gpu("NVIDIA H100 NVL").peak_bf16_flops == 835e12
     assert planner.detect_gpu("NVIDIA A100-SXM4-80GB").key == "a100-80"
     assert planner.detect_gpu("NVIDIA A100-SXM4-40GB").key == "a100-40"
     assert planner.detect_gpu("NVIDIA H200").key == "h200"

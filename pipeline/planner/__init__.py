@@ -21,73 +21,25 @@ from typing import Any, Literal
 
 import model
 
-GIB = 1024**3
+# The hardware table lives in hardware.py; its names stay readable as planner.X for existing callers.
+from pipeline.planner.hardware import (  # noqa: F401
+    CPU_PROCESS_RESERVE_GIB,
+    DEFAULT_NET_GBITS_PER_GPU,
+    GIB,
+    GPUS,
+    REPORT_GPUS,
+    RESERVE_FIXED_GIB,
+    RESERVE_FRACTION,
+    TPUV3_CORE_PEAK_FLOPS,
+    GpuSpec,
+    cpu_device,
+    detect_gpu,
+    usable_memory_bytes,
+)
+
 DAY_S = 86_400.0
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Hardware facts
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GpuSpec:
-    """One accelerator model: memory as `nvidia-smi` reports it, dense bf16 tensor-core peak from the datasheet."""
-
-    key: str
-    name: str
-    memory_gib: float
-    peak_bf16_flops: float
-    reserve_fixed_gib: float = 0.0  # set from RESERVE_FIXED_GIB below
-
-    @property
-    def usable_bytes(self) -> float:
-        return usable_memory_bytes(self.memory_gib * GIB, self.reserve_fixed_gib)
-
-
-# Memory: the MiB totals nvidia-smi prints (40960, 81920, 81559, 143771) / 1024. Peaks: NVIDIA datasheets,
-# dense (no 2:4 sparsity) bf16: A100 312 TFLOP/s, H100 SXM 989, H200 989 (same compute die as H100 SXM).
-# What the formulas leave out is taken off the top of every GPU before comparing: the CUDA context and cuBLAS
-# workspaces (~1 GiB), NCCL buffers (~0.5-1 GiB) and DeepSpeed's gradient bucket (reduce_bucket_size defaults to
-# 5e8 elements = 1 GB in bf16) as a fixed amount, plus a fraction for caching-allocator fragmentation and the
-# short-lived activation gradients of backward, which the activation formula does not count.
-RESERVE_FIXED_GIB = 3.0
-RESERVE_FRACTION = 0.10
-# A CPU training process needs no CUDA context, but its Python, torch, DeepSpeed and Ray worker take about 1 GiB.
-CPU_PROCESS_RESERVE_GIB = 1.0
-
-GPUS: dict[str, GpuSpec] = {
-    "a100-40": GpuSpec("a100-40", "A100 40GB", 40.0, 312e12, RESERVE_FIXED_GIB),
-    "a100-80": GpuSpec("a100-80", "A100 80GB", 80.0, 312e12, RESERVE_FIXED_GIB),
-    "h100": GpuSpec("h100", "H100 80GB SXM", 79.65, 989e12, RESERVE_FIXED_GIB),
-    "h200": GpuSpec("h200", "H200 141GB", 140.40, 989e12, RESERVE_FIXED_GIB),
-}
-
-
-def usable_memory_bytes(capacity_bytes: float, reserve_fixed_gib: float = RESERVE_FIXED_GIB) -> float:
-    """Memory the model states and activations may use: capacity × (1 − RESERVE_FRACTION) − the fixed reserve."""
-    return max(0.0, capacity_bytes * (1.0 - RESERVE_FRACTION) - reserve_fixed_gib * GIB)
-
-
-def detect_gpu(device_name: str) -> GpuSpec | None:
-    """Map `torch.cuda.get_device_name()` ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB", ...) to a GpuSpec.
-
-    H100 PCIe has a lower clock and power limit: its dense bf16 peak is 756 TFLOP/s, not 989.
-    """
-    name = device_name.upper()
-    if "H200" in name:
-        return GPUS["h200"]
-    if "H100" in name:
-        if "PCIE" in name:
-            return GpuSpec("h100-pcie", "H100 PCIe", 79.65, 756e12, RESERVE_FIXED_GIB)
-        return GPUS["h100"]
-    if "A100" in name:
-        return GPUS["a100-80"] if "80G" in name else GPUS["a100-40"]
-    return None
-
-
-# The ViT paper (Table 2) reports pretraining cost on JFT-300M in TPUv3-core-days. A TPUv3 chip peaks at 123
-# TFLOP/s bf16 and has 2 cores, so one core-day is 61.5e12 × 86,400 peak FLOPs.
-TPUV3_CORE_PEAK_FLOPS = 61.5e12
+# Pretraining cost on JFT-300M, ViT paper Table 2.
 PAPER_TPUV3_CORE_DAYS: dict[str, float] = {"H/14": 2500.0, "L/16": 680.0}
 
 # Images/s one CPU core feeds to training. Source: `python bench/loader.py` (the loader of commit f2a3511) on the
@@ -100,8 +52,6 @@ LOADER_IMAGES_PER_SEC_PER_CORE = 1050.0
 DEFAULT_IMAGE_BYTES = 110_000
 # `jobs/prepare_data.py --shard-size` default (pipeline/data/prepare.py: 256 MB).
 DEFAULT_SHARD_BYTES = 256 * 1000**2
-# Per-GPU network bandwidth used to turn bytes into seconds: GCP A3 Mega gives each H100 one 200 Gb/s NIC.
-DEFAULT_NET_GBITS_PER_GPU = 200.0
 
 Precision = Literal["bf16", "fp32"]
 ZERO_STAGES = (0, 1, 2, 3)
@@ -456,15 +406,6 @@ class PreflightResult:
             raise PlanError("; ".join(self.reasons))
 
 
-def cpu_device(processes_per_node: int) -> GpuSpec:
-    """Host memory available to each of `processes_per_node` training processes (psutil), as a pseudo-GPU."""
-    import psutil  # a dependency of ray; imported here because only CPU runs need it
-
-    available = psutil.virtual_memory().available
-    per_process = available / GIB / processes_per_node
-    return GpuSpec("cpu", f"CPU process ({per_process:.1f} GiB host memory)", per_process, 0.0, CPU_PROCESS_RESERVE_GIB)
-
-
 def _device(req: PlanRequest) -> GpuSpec:
     return cpu_device(req.gpus_per_node) if req.gpu == "cpu" else GPUS[req.gpu]
 
@@ -765,7 +706,9 @@ def format_plan(p: Plan) -> str:
     add(f"   states = params + grads + optimizer (ZeRO paper §5: {layout}, partitioned by stage over N)")
     add("   activations per layer = s·b·h·34 + 4·a·s·b bytes with fused attention, s·b·h·(34 + 5·a·s/h) eager")
     add("   (Korthikanti et al. 2022 eq. 1); checkpointing keeps 2·s·b·h per layer + one layer")
-    targets = [device] if req.gpu == "cpu" else list(GPUS.values())
+    targets = [device] if req.gpu == "cpu" else [GPUS[k] for k in REPORT_GPUS]
+    if device not in targets:
+        targets.append(device)
     header = f"{'stage':>5} {'ckpt':>4} {'params':>7} {'grads':>7} {'optim':>7} {'states':>7} {'activ':>7} {'total':>7}"
     add(header + " | " + " ".join(f"{g.key.upper():>9}" for g in targets))
     for m in p.memory_table:
