@@ -2,6 +2,12 @@
 
 FLOPs are 2 x multiply-accumulates of the matrix products; LayerNorm, softmax, GELU and residual adds
 are left out (together well under 1 % for the paper's models), as in the usual ViT FLOP tables.
+
+``flops()`` counts the standard forward pass (every token through every block), the number published FLOP
+tables and MFU comparisons use. Our ``VisionTransformer.forward`` with class-token pooling runs only the class
+token through the last block's attention output, MLP and head (same logits); ``cls_only_last_block=True`` counts
+that executed work, about 1/depth less. MFU quoted from ``flops()`` therefore credits the skipped work: it is
+model-FLOPs utilisation in the usual sense, slightly above what the hardware executed.
 """
 
 from model.variants import parse_variant
@@ -61,21 +67,26 @@ def flops(
     pool: str = "token",
     representation_size: int | None = None,
     in_chans: int = 3,
+    cls_only_last_block: bool = False,
 ) -> int:
-    """Forward FLOPs (2 x MACs) for one image."""
+    """Forward FLOPs (2 x MACs) for one image; ``cls_only_last_block`` counts what ``forward`` executes."""
     s = parse_variant(variant)
     D, M, P = s.width, s.mlp_dim, s.patch_size
     N = _grid(P, img_size)
     T = N + _num_prefix_tokens(pool)
+
+    def block_macs(queries: int) -> int:
+        return (
+            T * D * 3 * D  # qkv projection (keys and values of every token are needed)
+            + queries * T * D  # attention scores q @ k^T, summed over heads
+            + queries * T * D  # attention-weighted sum of values
+            + queries * D * D  # output projection
+            + 2 * queries * D * M  # MLP
+        )
+
     macs = N * (P * P * in_chans) * D  # patch embedding
-    per_block = (
-        T * D * 3 * D  # qkv projection
-        + T * T * D  # attention scores q @ k^T, summed over heads
-        + T * T * D  # attention-weighted sum of values
-        + T * D * D  # output projection
-        + 2 * T * D * M  # MLP
-    )
-    macs += s.depth * per_block
+    last_queries = 1 if cls_only_last_block and pool == "token" else T
+    macs += (s.depth - 1) * block_macs(T) + block_macs(last_queries)
     features = D
     if representation_size:
         macs += D * representation_size
