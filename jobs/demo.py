@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import storage  # noqa: E402
 from pipeline.config import default_runs_root, presets  # noqa: E402
-from pipeline.transfer import local_data_root  # noqa: E402
+from pipeline.config.transfer import local_data_root  # noqa: E402
 from pipeline.transfer import tasks as benchmarks  # noqa: E402
 
 TRANSFER_BENCHMARKS = ("digits_heldout", "lfw")
