@@ -173,9 +173,14 @@ def test_torch_and_safetensors_files(tmp_path: Path, timm_ti16, images) -> None:
     dst = create_vit("Mi/4", num_classes=10, img_size=32, representation_size=64)
     load_checkpoint(dst, src.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values(), strict=True))
-    # older timm / ports name the representation layer "pre_logits.fc"
+    # older timm / ports name the representation layer "pre_logits.fc"; loaded into a fresh model, so the
+    # weights can only come from the renamed keys
     old_names = {k.replace("representation.", "pre_logits.fc."): v for k, v in src.state_dict().items()}
-    load_checkpoint(dst, old_names)
+    assert any(k.startswith("pre_logits.fc.") for k in old_names)
+    fresh = create_vit("Mi/4", num_classes=10, img_size=32, representation_size=64)
+    assert not torch.equal(fresh.representation.weight, src.representation.weight)
+    load_checkpoint(fresh, old_names)
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), fresh.state_dict().values(), strict=True))
 
     with pytest.raises(ValueError, match="Unknown checkpoint format"):
         (tmp_path / "x.ckpt").write_bytes(b"")
