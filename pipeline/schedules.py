@@ -1,4 +1,8 @@
-"""Learning-rate schedule of the paper's pretraining: linear warmup, then linear decay.
+"""Learning-rate schedules: a linear warmup, then a decay.
+
+Pretraining follows the paper with a linear decay (``warmup_linear_decay``, applied by ``WarmupLinearDecay``);
+fine-tuning with a cosine decay (``warmup_cosine``). Both warm up the same way: the first step already gets
+``peak_lr / warmup_steps`` and step ``warmup_steps - 1`` reaches ``peak_lr``.
 
 A small object rather than DeepSpeed's WarmupDecayLR because that one gives lr 0 to the first step and
 always decays to 0; this one is a pure function of the step (easy to test and to plot) and is saved and
@@ -7,7 +11,17 @@ restored by DeepSpeed's checkpoint like any scheduler (``state_dict`` / ``load_s
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+
+def _warmup(step: int, *, peak_lr: float, warmup_steps: int) -> float:
+    return peak_lr * (step + 1) / warmup_steps
+
+
+def _decay_progress(step: int, *, warmup_steps: int, total_steps: int) -> float:
+    """How far ``step`` is through the decay: 0 right after the warmup, 1 at ``total_steps`` (and beyond)."""
+    return min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
 
 
 def warmup_linear_decay(
@@ -19,10 +33,17 @@ def warmup_linear_decay(
     ``peak_lr / warmup_steps``), then falls linearly to ``end_lr`` at ``total_steps``.
     """
     if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
+        return _warmup(step, peak_lr=peak_lr, warmup_steps=warmup_steps)
+    progress = _decay_progress(step, warmup_steps=warmup_steps, total_steps=total_steps)
     return peak_lr + (end_lr - peak_lr) * progress
+
+
+def warmup_cosine(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): the same linear warmup, then cosine decay to 0."""
+    if step < warmup_steps:
+        return _warmup(step, peak_lr=peak_lr, warmup_steps=warmup_steps)
+    progress = _decay_progress(step, warmup_steps=warmup_steps, total_steps=total_steps)
+    return 0.5 * peak_lr * (1.0 + math.cos(math.pi * progress))
 
 
 class WarmupLinearDecay:
