@@ -145,6 +145,18 @@ class Attention(nn.Module):
         x = x.transpose(1, 2).reshape(B, -1, D)
         return self.proj(x)
 
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] -> the softmax attention weights [B, H, T, T] that forward() applies (rows sum to 1).
+
+        forward() uses the fused kernel, which never materialises these; this recomputes them from q and k for
+        analysis only (attention dropout, a training-time effect, is left out).
+        """
+        B, T, D = x.shape
+        qk = self.qkv(x)[..., : 2 * D].view(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = qk.unbind(0)  # each [B, H, T, D/H]
+        # the fused kernel's default scale, 1 / sqrt(head dim)
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.head_dim), dim=-1)
+
 
 class Mlp(nn.Module):
     def __init__(self, width: int, mlp_dim: int, dropout: float) -> None:
@@ -284,7 +296,22 @@ class VisionTransformer(nn.Module):
             return self.norm(self._encode(x, last_cls_only=True))
         return self.forward_features(x)
 
-    def _encode(self, x: torch.Tensor, last_cls_only: bool = False) -> torch.Tensor:
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Images [B, C, H, W] -> one attention-weight tensor [B, H, T, T] per block, first block first.
+
+        For analysis (attention distance, rollout): every block runs on all tokens, the last one included, and
+        each block's weights are recomputed from its q and k; forward() stays on the fused kernel.
+        """
+        x = self._embed(x)
+        maps = []
+        for block in self.blocks:
+            maps.append(block.attn.probabilities(block.norm1(x)))
+            x = block(x)
+        return maps
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] -> tokens with position embeddings [B, T, D], the input of the first block."""
         size = self.spec.img_size
         if x.shape[-2:] != (size, size):
             raise ValueError(
@@ -294,7 +321,10 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x)  # [B, N, D]
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, T, D]
-        x = self.pos_drop(x + self.pos_embed)
+        return self.pos_drop(x + self.pos_embed)
+
+    def _encode(self, x: torch.Tensor, last_cls_only: bool = False) -> torch.Tensor:
+        x = self._embed(x)
         use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
