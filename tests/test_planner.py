@@ -1,4 +1,4 @@
-"""The scale planner's formulas, recommendation, refusals and CLI (pipeline/planner.py, jobs/plan.py)."""
+"""The scale planner's formulas, recommendation, refusals and CLI (pipeline/planner/, jobs/plan.py)."""
 
 import re
 import subprocess
@@ -376,3 +376,16 @@ def test_memory_table_reports_gib_per_stage_and_checkpointing():
     stage0 = p.memory_table[0]
     assert stage0.states.total == pytest.approx(16 * p.facts.params)
     assert 0 < stage0.total / GIB < 80
+
+
+def test_the_scale_plan_is_not_named_like_the_configs_plan():
+    config = pytest.importorskip("pipeline.config")
+    req = PlanRequest(steps=10, nodes=32, gpus_per_node=8, gpu="h100", **H14_JFT)
+    assert isinstance(planner.plan(req), planner.ScalePlan)
+    assert not hasattr(planner, "Plan") and hasattr(config, "Plan")
+
+
+def test_a_gpu_outside_the_standard_columns_gets_its_own_column():
+    req = PlanRequest(steps=10, nodes=1, gpus_per_node=8, gpu="h100-nvl", **{**H14_JFT, "global_batch": 512})
+    text = planner.format_plan(planner.plan(req))
+    assert "H100-NVL" in text and "H100 NVL 81.2 of 93.6" in text
