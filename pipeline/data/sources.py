@@ -1,7 +1,9 @@
 """Readers for the datasets ``jobs/prepare_data.py`` converts, each from its publisher's on-disk format.
 
-Every source returns the same thing: class names and, for each split (``train``, ``minival``, ``test``), a list
-of samples (key, label, a loader for the image). Splits:
+Every source returns the same thing: class names and, for each split (``train``, ``minival``, ``test``), its
+samples (key, label, a loader for the image): a list for datasets that fit in memory, or ``parts`` (pieces read
+start to end, one conversion task each) for the large ones (``pipeline.data.imagenet``, ``pipeline.data.parquet``).
+`split_parts` and `iter_split` read either form. Splits of the sources here:
 - no official split (``imagefolder``, ``digits``, ``lfw``): a seeded, stratified 70/10/20 split of everything;
 - CIFAR-10/100: official train/test; ``minival`` is a stratified 2% of the official train set, held out of ``train``;
 - Oxford-IIIT Pets: official trainval/test; ``minival`` is a stratified 10% of trainval, held out of ``train``;
@@ -13,9 +15,10 @@ from __future__ import annotations
 
 import pickle
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +41,20 @@ class SourceSample:
     key: str
     label: int
     load: ImageLoader
+    # Every class of a multi-label image (``label`` is then the first); None for single-label data.
+    labels: tuple[int, ...] | None = None
+    # Per-sample metadata stored beside the image in the shard's ``.json`` member (e.g. ImageNet ReaL labels).
+    extra: dict[str, Any] | None = None
+
+
+@dataclass
+class SourcePart:
+    """A piece of a split read start to end by one conversion task: a class folder, a per-class tar, a Parquet
+    row group. ``read`` yields the part's samples in a fixed order; images load lazily, so skipping a sample
+    without calling its ``load`` costs (almost) nothing."""
+
+    name: str
+    read: Callable[[], Iterator[SourceSample]]
 
 
 @dataclass
@@ -46,6 +63,31 @@ class Source:
     class_names: list[str]
     splits: dict[str, list[SourceSample]]
     split_note: str
+    # Splits too large to list in memory (ImageNet-21k's 14 M images): read part by part instead of ``splits``.
+    parts: dict[str, list[SourcePart]] = field(default_factory=dict)
+    multi_label: bool = False
+
+    def split_names(self) -> list[str]:
+        return [s for s in SPLITS if s in self.splits or s in self.parts]
+
+
+def split_parts(source: Source, split: str, part_size: int = 1000) -> list[SourcePart]:
+    """The parts of a split; an in-memory split is cut into consecutive parts of ``part_size`` samples."""
+    if split in source.parts:
+        return source.parts[split]
+    if split not in source.splits:
+        raise SourceError(f"{source.name} has no {split!r} split; it has {', '.join(source.split_names())}")
+    samples = source.splits[split]
+    return [
+        SourcePart(f"{split}-{start:09d}", lambda chunk=samples[start : start + part_size]: iter(chunk))
+        for start in range(0, len(samples), part_size)
+    ]
+
+
+def iter_split(source: Source, split: str) -> Iterator[SourceSample]:
+    """Every sample of a split, part after part, without listing them all at once."""
+    for part in split_parts(source, split):
+        yield from part.read()
 
 
 def _sanitize(text: str) -> str:
