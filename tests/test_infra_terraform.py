@@ -194,10 +194,15 @@ def test_references_point_at_declared_things(resources, variables, locals_, pars
     declared = {f"{t}.{n}" for t, n in resources}
     referenced = {
         m.group(1)
-        for m in re.finditer(r"\b((?:google|random)_[a-z0-9_]+\.[a-z0-9_]+)\.", text)
+        for m in re.finditer(r"(?<!data\.)\b((?:google|random)_[a-z0-9_]+\.[a-z0-9_]+)\.", text)
         if not m.group(1).startswith(("google_project_default", "random_password.result"))
     }
     assert referenced - declared == set(), f"undeclared resources: {sorted(referenced - declared)}"
+    declared_data = {
+        f"{rtype}.{name}" for doc in parsed.values() for e in doc.get("data", []) for rtype, d in e.items() for name in d
+    }
+    used_data = set(re.findall(r"\bdata\.((?:google)_[a-z0-9_]+\.[a-z0-9_]+)", text))
+    assert used_data <= declared_data, f"undeclared data sources: {sorted(used_data - declared_data)}"
 
 
 def test_example_tfvars_sets_required_variables_only_with_declared_names(variables):
@@ -263,9 +268,11 @@ def test_workload_identity_bindings(resources, locals_, variables):
     assert locals_["ray_ksa_member"] == (
         "serviceAccount:${local.workload_pool}[${var.k8s_namespace}/${var.ray_ksa_name}]"
     )
+    # MLflow lives in a namespace of its own, out of reach of the job code in the Ray namespace.
     assert locals_["mlflow_ksa_member"] == (
-        "serviceAccount:${local.workload_pool}[${var.k8s_namespace}/${var.mlflow_ksa_name}]"
+        "serviceAccount:${local.workload_pool}[${var.mlflow_namespace}/${var.mlflow_ksa_name}]"
     )
+    assert variables["mlflow_namespace"]["default"] != variables["k8s_namespace"]["default"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -303,7 +310,9 @@ def test_node_pools_are_hardened(resources, pool):
     shielded = block(config, "shielded_instance_config")
     assert shielded["enable_secure_boot"] is True and shielded["enable_integrity_monitoring"] is True
     management = block(body, "management")
-    assert management["auto_repair"] is True and management["auto_upgrade"] is True
+    assert management["auto_upgrade"] is True
+    # Auto-repair stays on, except for Dynamic Workload Scheduler nodes, which GKE does not repair in place.
+    assert management["auto_repair"] is True or (pool == "gpu" and management["auto_repair"] == "${!local.gpu_dws}")
 
 
 def test_gpu_pool_defaults_h100_8gpu_scale_to_zero_with_driver_and_taint(resources, variables):
@@ -317,7 +326,7 @@ def test_gpu_pool_defaults_h100_8gpu_scale_to_zero_with_driver_and_taint(resourc
     assert resolve(accelerator["type"], variables) == "nvidia-h100-80gb"
     assert resolve(accelerator["count"], variables) == 8
     driver = block(accelerator, "gpu_driver_installation_config")
-    assert resolve(driver["gpu_driver_version"], variables) in {"DEFAULT", "LATEST"}
+    assert resolve(driver["gpu_driver_version"], variables) == "DEFAULT"
     taint = block(config, "taint")
     assert (taint["key"], taint["value"], taint["effect"]) == ("nvidia.com/gpu", "present", "NO_SCHEDULE")
     # Type and count are variables, so another GPU type needs no code change.
@@ -397,15 +406,25 @@ def test_cloudsql_private_ip_only_tls_and_backups(resources, variables):
     assert "${google_service_networking_connection.private_services}" in instance["depends_on"]
 
 
-def test_database_password_is_generated_kept_in_secret_manager_and_never_output(resources, outputs):
-    assert of_type(resources, "random_password")["mlflow_db"]
-    assert of_type(resources, "google_sql_user")["mlflow"]["password"] == "${random_password.mlflow_db.result}"
-    version = of_type(resources, "google_secret_manager_secret_version")["mlflow_db_password"]
-    assert version["secret_data"] == "${random_password.mlflow_db.result}"
+def test_mlflow_logs_in_to_postgres_with_iam_and_no_password_exists(resources, outputs, locals_):
+    instance = of_type(resources, "google_sql_database_instance")["mlflow"]
+    flags = {f["name"]: f["value"] for f in block(instance, "settings")["database_flags"]}
+    assert flags["cloudsql.iam_authentication"] == "on"
+    user = of_type(resources, "google_sql_user")["mlflow"]
+    assert user["type"] == "CLOUD_IAM_SERVICE_ACCOUNT" and "password" not in user
+    assert user["name"] == "${local.mlflow_db_user}"
+    assert locals_["mlflow_db_user"] == '${trimsuffix(google_service_account.mlflow.email, ".gserviceaccount.com")}'
+    grants = of_type(resources, "google_project_iam_member").values()
+    roles = {body["role"] for body in grants if "mlflow" in body["member"]}
+    assert roles == {"roles/cloudsql.client", "roles/cloudsql.instanceUser"}
+    for body in of_type(resources, "google_project_iam_member").values():
+        if "mlflow" in body["member"]:
+            assert "instances/${google_sql_database_instance.mlflow.name}" in block(body, "condition")["expression"]
+    assert not of_type(resources, "random_password") and not of_type(resources, "google_secret_manager_secret")
+    assert not re.search(r"^\s*(password|secret_data|root_password)\s*=", all_text(), re.M), "no password argument"
     for name, body in outputs.items():
-        value = str(body["value"])
-        assert "random_password" not in value and ".password" not in value, f"output {name} leaks a password"
         assert body.get("description"), f"output {name} has no description"
+        assert not re.search(r"auth_string|password|private_key", str(body["value"])), f"output {name} leaks a secret"
 
 
 def test_outputs_cover_what_render_sh_reads(outputs):
@@ -413,3 +432,163 @@ def test_outputs_cover_what_render_sh_reads(outputs):
     wanted = set(re.findall(r"tf_output (\w+)", render))
     assert wanted, "render.sh reads no terraform outputs?"
     assert wanted <= set(outputs), f"render.sh needs outputs {sorted(wanted - set(outputs))}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# provider range, buckets, networking details
+
+
+def test_providers_may_move_within_one_major_version_only(parsed):
+    for name, spec in parsed["versions.tf"]["terraform"][0]["required_providers"][0].items():
+        lower = re.search(r">=\s*(\d+)\.", spec["version"])
+        upper = re.search(r"<\s*(\d+)\.0\.0", spec["version"])
+        assert lower and upper, f"{name}: {spec['version']!r} needs '>= X.Y.Z, < N.0.0'"
+        assert int(upper.group(1)) == int(lower.group(1)) + 1, f"{name}: {spec['version']!r} spans several majors"
+    text = (TF_DIR / "versions.tf").read_text()
+    assert ".terraform.lock.hcl" in text and "providers lock" in text, "say how the lock file is made and kept"
+    ignored = (REPO / "infra" / ".gitignore").read_text().split()
+    assert not any(line.endswith(".terraform.lock.hcl") for line in ignored), "the lock file must be committable"
+
+
+def _longest_match(pattern: str) -> int:
+    """Longest string a `^[class]{a,b}[class]$`-style validation regex accepts."""
+    body = pattern.strip("^$")
+    total = 0
+    for item in re.finditer(r"\[[^\]]+\](\{(\d+),(\d+)\})?", body):
+        total += int(item.group(3)) if item.group(1) else 1
+    return total
+
+
+def test_bucket_names_can_never_exceed_63_characters(resources, variables, locals_):
+    limits = {}
+    for name in ("project_id", "cluster_name"):
+        condition = block(variables[name], "validation")["condition"]
+        limits[name] = _longest_match(re.search(r'regex\("([^"]+)"', condition).group(1).replace("\\\\", "\\"))
+    assert limits == {"project_id": 30, "cluster_name": 19}
+    prefix = locals_["bucket_prefix"]
+    assert prefix == "${var.project_id}-${var.cluster_name}"
+    buckets = of_type(resources, "google_storage_bucket")
+    for name, bucket in buckets.items():
+        assert bucket["name"] == f"${{local.bucket_names.{name}}}", name
+        suffix = locals_["bucket_names"][name].removeprefix("${local.bucket_prefix}")
+        longest = limits["project_id"] + 1 + limits["cluster_name"] + len(suffix)
+        assert longest <= 63, f"{name}: up to {longest} characters"
+        (precondition,) = block(bucket, "lifecycle")["precondition"]
+        assert precondition["condition"] == f"${{length(local.bucket_names.{name}) <= 63}}", name
+
+
+def test_service_networking_connection_is_abandoned_on_destroy(resources):
+    connection = of_type(resources, "google_service_networking_connection")["private_services"]
+    assert connection["deletion_policy"] == "ABANDON"
+
+
+def test_cluster_autoscaling_states_node_auto_provisioning_off(resources):
+    autoscaling = block(of_type(resources, "google_container_cluster")["main"], "cluster_autoscaling")
+    assert autoscaling["enabled"] is False, "only the pools of node_pools.tf may create machines"
+    assert autoscaling["autoscaling_profile"] == "OPTIMIZE_UTILIZATION"
+
+
+def test_google_apis_resolve_to_the_private_vip(resources, locals_):
+    zone = of_type(resources, "google_dns_managed_zone")["googleapis"]
+    assert zone["dns_name"] == "googleapis.com." and zone["visibility"] == "private"
+    records = {body["name"]: body for body in of_type(resources, "google_dns_record_set").values()}
+    assert records["*.googleapis.com."]["rrdatas"] == ["private.googleapis.com."]
+    assert records["private.googleapis.com."]["rrdatas"] == "${local.private_googleapis_ips}"
+    assert locals_["private_googleapis_ips"] == [f"199.36.153.{i}" for i in range(8, 12)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# GPU capacity, driver, long runs
+
+
+def test_gpu_driver_is_pinned_through_the_gke_version_never_latest(resources, variables):
+    cluster = of_type(resources, "google_container_cluster")["main"]
+    assert cluster["min_master_version"] == "${var.gke_min_version}"
+    minor = int(variables["gke_min_version"]["default"].split(".")[1])
+    assert minor >= 34, "GKE before 1.34 defaults to drivers older than R580 (CUDA 13 needs R580)"
+    validation = block(variables["gpu_driver_version"], "validation")["condition"]
+    assert "LATEST" not in validation, "LATEST moves the driver branch under a running pool"
+    assert variables["gpu_driver_version"]["default"] == "DEFAULT"
+
+
+def test_capacity_choices_map_to_node_pool_settings(resources, variables, locals_):
+    gpu = of_type(resources, "google_container_node_pool")["gpu"]
+    config = block(gpu, "node_config")
+    choices = set(re.findall(r'"([A-Z_]+)"', block(variables["gpu_provisioning"], "validation")["condition"]))
+    assert choices == {"ON_DEMAND", "SPOT", "RESERVATION", "FLEX_START", "QUEUED_PROVISIONING"}
+    assert config["spot"] == '${var.gpu_provisioning == "SPOT"}'
+    assert config["flex_start"] == '${var.gpu_provisioning == "FLEX_START"}'
+    affinity = block(config, "reservation_affinity")
+    assert affinity["consume_reservation_type"] == "${local.gpu_reservation_type}"
+    assert "compute.googleapis.com/reservation-name" in affinity["key"]
+    assert "var.gpu_reservation_name" in affinity["values"]
+    queued = gpu["dynamic"]
+    names = {name for entry in queued for name in entry}
+    assert {"queued_provisioning", "placement_policy"} <= names
+    for entry in queued:
+        if "placement_policy" in entry:
+            assert entry["placement_policy"]["for_each"] == "${var.gpu_compact_placement ? [1] : []}"
+            assert entry["placement_policy"]["content"][0]["type"] == "COMPACT"
+        if "queued_provisioning" in entry:
+            assert "QUEUED_PROVISIONING" in entry["queued_provisioning"]["for_each"]
+    conditions = " ".join(p["condition"] for p in block(gpu, "lifecycle")["precondition"])
+    assert "gpu_reservation_name != null" in conditions and "length(var.gpu_node_locations) == 1" in conditions
+    assert "ON_DEMAND" in locals_["gpu_reservation_type"] and "SPECIFIC_RESERVATION" in locals_["gpu_reservation_type"]
+
+
+def test_gpu_pool_upgrades_without_a_surge_node(resources):
+    upgrade = block(of_type(resources, "google_container_node_pool")["gpu"], "upgrade_settings")
+    assert (upgrade["strategy"], upgrade["max_surge"], upgrade["max_unavailable"]) == ("SURGE", 0, 1)
+
+
+def test_maintenance_window_and_exclusions(resources, variables):
+    policy = block(of_type(resources, "google_container_cluster")["main"], "maintenance_policy")
+    window = block(policy, "recurring_window")
+    assert window["recurrence"] == "${var.maintenance_recurring_window.recurrence}"
+    assert "BYDAY" in variables["maintenance_recurring_window"]["default"]["recurrence"]
+    (dynamic,) = policy["dynamic"]
+    exclusion = dynamic["maintenance_exclusion"]
+    assert exclusion["for_each"] == "${var.maintenance_exclusions}"
+    assert block(exclusion["content"][0], "exclusion_options")["scope"] == "${maintenance_exclusion.value.scope}"
+
+
+def test_ray_gcs_redis_is_private_authenticated_and_encrypted(resources):
+    redis = of_type(resources, "google_redis_instance")["ray_gcs"]
+    assert redis["connect_mode"] == "PRIVATE_SERVICE_ACCESS"
+    assert redis["authorized_network"] == "${google_compute_network.main.id}"
+    assert redis["auth_enabled"] is True and redis["transit_encryption_mode"] == "SERVER_AUTHENTICATION"
+
+
+# --------------------------------------------------------------------------------------------------------
+# operations and image admission
+
+
+def test_gpu_metrics_alerts_budget_and_image_streaming(resources, variables):
+    cluster = of_type(resources, "google_container_cluster")["main"]
+    monitoring = block(cluster, "monitoring_config")
+    assert "DCGM" in monitoring["enable_components"] and block(monitoring, "managed_prometheus")["enabled"] is True
+    assert "WORKLOADS" in block(cluster, "logging_config")["enable_components"], "Ray logs go to Cloud Logging"
+    alerts = of_type(resources, "google_monitoring_alert_policy")
+    queries = " ".join(
+        block(alert["conditions"][0], "condition_prometheus_query_language")["query"] for alert in alerts.values()
+    )
+    assert "DCGM_FI_DEV_GPU_UTIL" in queries and "DCGM_FI_DEV_XID_ERRORS" in queries and "up{" in queries
+    for alert in alerts.values():
+        assert alert["notification_channels"] == "${local.notification_channels}"
+    budget = of_type(resources, "google_billing_budget")["project"]
+    assert budget["count"] == "${var.billing_account_id == null ? 0 : 1}"
+    assert {r["threshold_percent"] for r in budget["threshold_rules"]} == {0.5, 0.9, 1.0}
+    for pool in ("cpu", "gpu"):
+        config = block(of_type(resources, "google_container_node_pool")[pool], "node_config")
+        assert block(config, "gcfs_config")["enabled"] is True, f"{pool}: image streaming"
+
+
+def test_binary_authorization_admits_only_the_registry_and_pinned_images(resources, locals_):
+    policy = of_type(resources, "google_binary_authorization_policy")["images"]
+    assert block(policy, "default_admission_rule")["evaluation_mode"] == "ALWAYS_DENY"
+    assert block(policy, "default_admission_rule")["enforcement_mode"] == "ENFORCED_BLOCK_AND_AUDIT_LOG"
+    assert block(policy, "admission_whitelist_patterns")["name_pattern"] == "${local.image_registry}/**"
+    for image in locals_["external_images"]:
+        assert re.fullmatch(r"[a-z0-9.-]+/[a-z0-9/_-]+:v?\d+\.\d+\.\d+", image), f"{image}: exact tag, no wildcard"
+    cluster = of_type(resources, "google_container_cluster")["main"]
+    assert block(cluster, "binary_authorization")["evaluation_mode"] == "PROJECT_SINGLETON_POLICY_ENFORCE"

@@ -1,8 +1,9 @@
 # Cloud SQL for PostgreSQL: MLflow's backend store (runs, params, metrics) and the basic-auth
 # user store. Private IP only (no public IP at all), reached from the MLflow Pod through the
 # Cloud SQL Auth Proxy sidecar, which authenticates with IAM (Workload Identity) and encrypts
-# with mTLS. The database password is generated here and kept in Secret Manager; it is never an
-# output. It does live in Terraform state, so keep state in a private bucket (versions.tf).
+# with mTLS. MLflow logs in to PostgreSQL as its Google service account (IAM database
+# authentication, `--auto-iam-authn` on the proxy): there is no database password anywhere, so
+# none can leak from a Pod, a Secret or Terraform state.
 
 # Cloud SQL instance names cannot be reused for about a week after deletion; a suffix lets a
 # destroy + apply cycle succeed.
@@ -56,6 +57,11 @@ resource "google_sql_database_instance" "mlflow" {
 
     # Logging flags recommended by the CIS benchmark for Cloud SQL PostgreSQL. MLflow's query
     # volume is small, so logging every connection and statement duration costs little.
+    # IAM database authentication: PostgreSQL users that are Google identities, no passwords.
+    database_flags {
+      name  = "cloudsql.iam_authentication"
+      value = "on"
+    }
     database_flags {
       name  = "log_checkpoints"
       value = "on"
@@ -125,30 +131,10 @@ resource "google_sql_database" "mlflow_auth" {
   instance = google_sql_database_instance.mlflow.name
 }
 
-# Letters and digits only: the password ends up in libpq's PGPASSWORD and must never need
-# URL or INI escaping. 32 such characters are about 190 bits of entropy.
-resource "random_password" "mlflow_db" {
-  length  = 32
-  special = false
-}
-
+# The MLflow service account as a PostgreSQL user. IAM users start without privileges on the
+# databases above: infra/README.md (step 5) grants them once.
 resource "google_sql_user" "mlflow" {
-  name     = "mlflow"
+  name     = local.mlflow_db_user
   instance = google_sql_database_instance.mlflow.name
-  password = random_password.mlflow_db.result
-}
-
-resource "google_secret_manager_secret" "mlflow_db_password" {
-  secret_id = "${var.cluster_name}-mlflow-db-password"
-
-  replication {
-    auto {}
-  }
-
-  depends_on = [google_project_service.apis]
-}
-
-resource "google_secret_manager_secret_version" "mlflow_db_password" {
-  secret      = google_secret_manager_secret.mlflow_db_password.id
-  secret_data = random_password.mlflow_db.result
+  type     = "CLOUD_IAM_SERVICE_ACCOUNT"
 }

@@ -40,6 +40,32 @@ resource "google_container_cluster" "main" {
     channel = var.release_channel
   }
 
+  # The GKE version decides the NVIDIA driver that gpu_driver_version = DEFAULT installs; this floor
+  # keeps it on a branch that runs the image's CUDA 13 (infra/README.md, "CUDA and driver").
+  min_master_version = var.gke_min_version
+
+  # Upgrades and repairs only in the window; exclusions (e.g. NO_MINOR_OR_NODE_UPGRADES for the length
+  # of a pretraining run) stop them altogether. Node pools upgrade one GPU node at a time (node_pools.tf).
+  maintenance_policy {
+    recurring_window {
+      start_time = var.maintenance_recurring_window.start_time
+      end_time   = var.maintenance_recurring_window.end_time
+      recurrence = var.maintenance_recurring_window.recurrence
+    }
+
+    dynamic "maintenance_exclusion" {
+      for_each = var.maintenance_exclusions
+      content {
+        exclusion_name = maintenance_exclusion.value.name
+        start_time     = maintenance_exclusion.value.start_time
+        end_time       = maintenance_exclusion.value.end_time
+        exclusion_options {
+          scope = maintenance_exclusion.value.scope
+        }
+      }
+    }
+  }
+
   # Private nodes: no node has an external IP; egress goes through Cloud NAT (network.tf).
   # The control plane keeps its public endpoint but only the authorized networks may reach it.
   private_cluster_config {
@@ -84,7 +110,8 @@ resource "google_container_cluster" "main" {
     }
   }
 
-  # The project's default Binary Authorization policy applies (allow-all unless you tighten it).
+  # Enforces the project's Binary Authorization policy (binauthz.tf): only images from this stack's
+  # registry and a few pinned third-party images may run.
   binary_authorization {
     evaluation_mode = "PROJECT_SINGLETON_POLICY_ENFORCE"
   }
@@ -108,15 +135,21 @@ resource "google_container_cluster" "main" {
     enable_components = ["SYSTEM_COMPONENTS", "WORKLOADS"]
   }
 
+  # DCGM: GKE runs NVIDIA's DCGM exporter on GPU nodes and sends GPU utilisation, memory, temperature
+  # and XID errors to Managed Prometheus (alerts in monitoring.tf). Ray's own metrics are scraped by the
+  # PodMonitoring in infra/k8s/monitoring.yaml.
   monitoring_config {
-    enable_components = ["SYSTEM_COMPONENTS"]
+    enable_components = ["SYSTEM_COMPONENTS", "DCGM"]
     managed_prometheus {
       enabled = true
     }
   }
 
-  # Scale idle nodes down sooner than the default profile does: idle H100 nodes are the main cost.
+  # Node auto-provisioning stays off (enabled = false): the two pools in node_pools.tf are the only
+  # machines the cluster may create, so nothing but their own limits can add GPU spend. Their own
+  # autoscalers scale idle nodes down sooner with this profile: idle H100 nodes are the main cost.
   cluster_autoscaling {
+    enabled             = false
     autoscaling_profile = "OPTIMIZE_UTILIZATION"
   }
 

@@ -4,8 +4,8 @@
 #           Engine default account, which has project Editor.
 # - ray:    what Ray Pods (head, workers, job submitters) act as through Workload Identity:
 #           read/write objects in the shards and checkpoints buckets, nothing else.
-# - mlflow: what the MLflow server acts as: objects in the artifacts bucket, and connecting to
-#           its own Cloud SQL instance.
+# - mlflow: what the MLflow server acts as: objects in the artifacts bucket, and connecting and
+#           logging in (IAM database authentication) to its own Cloud SQL instance.
 # Bucket roles are granted on each bucket, never project-wide, and no service account key is
 # ever created: Pods get short-lived tokens from the GKE metadata server.
 
@@ -92,6 +92,19 @@ resource "google_project_iam_member" "mlflow_cloudsql_client" {
   condition {
     title       = "only-the-mlflow-instance"
     description = "Connect to the MLflow backend instance only."
+    expression  = "resource.name == 'projects/${var.project_id}/instances/${google_sql_database_instance.mlflow.name}' && resource.service == 'sqladmin.googleapis.com'"
+  }
+}
+
+# Logging in to the instance as an IAM database user (no password), again this instance only.
+resource "google_project_iam_member" "mlflow_cloudsql_instance_user" {
+  project = var.project_id
+  role    = "roles/cloudsql.instanceUser"
+  member  = "serviceAccount:${google_service_account.mlflow.email}"
+
+  condition {
+    title       = "only-the-mlflow-instance"
+    description = "Log in to the MLflow backend instance only."
     expression  = "resource.name == 'projects/${var.project_id}/instances/${google_sql_database_instance.mlflow.name}' && resource.service == 'sqladmin.googleapis.com'"
   }
 }

@@ -130,4 +130,43 @@ resource "google_service_networking_connection" "private_services" {
   network                 = google_compute_network.main.id
   service                 = "servicenetworking.googleapis.com"
   reserved_peering_ranges = [google_compute_global_address.private_services.name]
+
+  # Removing the peering while Cloud SQL / Memorystore still use it fails, and on destroy the
+  # producers remove it with their instances anyway: Terraform only forgets it.
+  deletion_policy = "ABANDON"
+}
+
+# Google APIs through the private.googleapis.com addresses (199.36.153.8/30), reached over Private
+# Google Access. With this zone every *.googleapis.com name resolves to those four addresses, so the
+# egress NetworkPolicies (infra/k8s) can allow Google APIs (GCS, Cloud SQL Admin, Monitoring) by IP
+# while denying the rest of the internet to Pods.
+resource "google_dns_managed_zone" "googleapis" {
+  name        = "${var.cluster_name}-googleapis"
+  dns_name    = "googleapis.com."
+  description = "Google APIs over private.googleapis.com for the ${var.cluster_name} VPC."
+  visibility  = "private"
+
+  private_visibility_config {
+    networks {
+      network_url = google_compute_network.main.id
+    }
+  }
+
+  depends_on = [google_project_service.apis]
+}
+
+resource "google_dns_record_set" "googleapis_private" {
+  managed_zone = google_dns_managed_zone.googleapis.name
+  name         = "private.googleapis.com."
+  type         = "A"
+  ttl          = 300
+  rrdatas      = local.private_googleapis_ips
+}
+
+resource "google_dns_record_set" "googleapis_wildcard" {
+  managed_zone = google_dns_managed_zone.googleapis.name
+  name         = "*.googleapis.com."
+  type         = "CNAME"
+  ttl          = 300
+  rrdatas      = ["private.googleapis.com."]
 }

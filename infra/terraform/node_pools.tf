@@ -21,6 +21,7 @@ resource "google_container_node_pool" "cpu" {
   }
 
   upgrade_settings {
+    strategy        = "SURGE"
     max_surge       = 1
     max_unavailable = 0
   }
@@ -49,6 +50,11 @@ resource "google_container_node_pool" "cpu" {
       disable-legacy-endpoints = "true"
     }
 
+    # Image streaming: containers start while their layers are still being fetched.
+    gcfs_config {
+      enabled = true
+    }
+
     labels = {
       "vitpipe/pool" = "cpu"
     }
@@ -58,6 +64,7 @@ resource "google_container_node_pool" "cpu" {
 }
 
 # GPU pool: Ray GPU workers, one Pod per node using all of its GPUs. Scales to zero when idle.
+# How nodes are obtained is var.gpu_provisioning (infra/README.md, "Getting H100s").
 resource "google_container_node_pool" "gpu" {
   name           = "gpu"
   cluster        = google_container_cluster.main.id
@@ -75,15 +82,48 @@ resource "google_container_node_pool" "gpu" {
     location_policy = "ANY"
   }
 
+  # Dynamic Workload Scheduler nodes are not repaired in place (GKE replaces them through a new
+  # request); every other mode keeps auto-repair.
   management {
-    auto_repair  = true
+    auto_repair  = !local.gpu_dws
     auto_upgrade = true
   }
 
-  # Never take a GPU node down before its replacement is up: a training job would lose a worker.
+  # One node at a time, without a spare: a surge node would be one more H100 machine, which is
+  # often not available (and costs ~US$88/h). Training loses that worker and resumes from its checkpoint;
+  # maintenance exclusions (gke.tf) keep upgrades out of long runs altogether.
   upgrade_settings {
-    max_surge       = 1
-    max_unavailable = 0
+    strategy        = "SURGE"
+    max_surge       = 0
+    max_unavailable = 1
+  }
+
+  # DWS queued provisioning: Kueue's ProvisioningRequest admission check asks for all nodes of a job
+  # at once, and GKE creates them together when capacity exists (infra/k8s/kueue/provisioning.yaml).
+  dynamic "queued_provisioning" {
+    for_each = var.gpu_provisioning == "QUEUED_PROVISIONING" ? [1] : []
+    content {
+      enabled = true
+    }
+  }
+
+  # Compact placement: nodes close together in one zone, for lower NCCL latency between them.
+  dynamic "placement_policy" {
+    for_each = var.gpu_compact_placement ? [1] : []
+    content {
+      type = "COMPACT"
+    }
+  }
+
+  lifecycle {
+    precondition {
+      condition     = var.gpu_provisioning != "RESERVATION" || var.gpu_reservation_name != null
+      error_message = "gpu_provisioning = RESERVATION needs gpu_reservation_name (the reservation of gpu_machine_type in the GPU zone)."
+    }
+    precondition {
+      condition     = !var.gpu_compact_placement || length(var.gpu_node_locations) == 1
+      error_message = "gpu_compact_placement needs exactly one zone in gpu_node_locations."
+    }
   }
 
   node_config {
@@ -91,13 +131,23 @@ resource "google_container_node_pool" "gpu" {
     image_type   = "COS_CONTAINERD"
     disk_type    = "pd-ssd"
     disk_size_gb = var.gpu_disk_size_gb
-    spot         = var.gpu_spot
+    spot         = var.gpu_provisioning == "SPOT"
+    flex_start   = var.gpu_provisioning == "FLEX_START"
+
+    # RESERVATION consumes the named reservation only; ON_DEMAND takes a matching open reservation
+    # when one exists; Spot and DWS capacity cannot come from a reservation.
+    reservation_affinity {
+      consume_reservation_type = local.gpu_reservation_type
+      key                      = var.gpu_provisioning == "RESERVATION" ? "compute.googleapis.com/reservation-name" : null
+      values                   = var.gpu_provisioning == "RESERVATION" ? [var.gpu_reservation_name] : null
+    }
 
     guest_accelerator {
       type  = var.gpu_accelerator_type
       count = var.gpu_accelerator_count
 
-      # GKE installs the NVIDIA driver itself (no driver DaemonSet to maintain).
+      # GKE installs the NVIDIA driver itself (no driver DaemonSet to maintain): DEFAULT is the
+      # branch GKE pairs with the cluster version, kept on R580+ (CUDA 13) by gke_min_version.
       gpu_driver_installation_config {
         gpu_driver_version = var.gpu_driver_version
       }
@@ -137,6 +187,11 @@ resource "google_container_node_pool" "gpu" {
 
     metadata = {
       disable-legacy-endpoints = "true"
+    }
+
+    # Image streaming: the ~15 GB project image starts in seconds instead of minutes per new node.
+    gcfs_config {
+      enabled = true
     }
 
     labels = {

@@ -1,5 +1,6 @@
-# What the Kubernetes side (infra/k8s/render.sh) and the runbook need. No secret values: the
-# database password is referenced by its Secret Manager id only.
+# What the Kubernetes side (infra/k8s/render.sh) and the runbook need. No secret values: MLflow
+# has no database password (IAM database authentication), and the Redis AUTH string is read with
+# gcloud when the runbook creates its Secret.
 
 output "project_id" {
   description = "Project that holds everything."
@@ -61,12 +62,32 @@ output "cloudsql_connection_name" {
   value       = google_sql_database_instance.mlflow.connection_name
 }
 
+output "mlflow_namespace" {
+  description = "Namespace of the MLflow server (its Workload Identity binding names it)."
+  value       = var.mlflow_namespace
+}
+
 output "mlflow_db_user" {
-  description = "PostgreSQL user of the MLflow server."
+  description = "PostgreSQL user of the MLflow server: its service account, logged in through IAM database authentication."
   value       = google_sql_user.mlflow.name
 }
 
-output "mlflow_db_password_secret" {
-  description = "Secret Manager secret that holds the MLflow database password (read it with gcloud; it is not an output)."
-  value       = google_secret_manager_secret.mlflow_db_password.secret_id
+output "redis_instance" {
+  description = "Memorystore instance that keeps Ray's GCS state (read its AUTH string with `gcloud redis instances get-auth-string`)."
+  value       = google_redis_instance.ray_gcs.name
+}
+
+output "redis_address" {
+  description = "host:port of the Memorystore instance for Ray GCS fault tolerance (rediss://, TLS)."
+  value       = "${google_redis_instance.ray_gcs.host}:${google_redis_instance.ray_gcs.port}"
+}
+
+output "redis_ca_certificate" {
+  description = "CA certificate of the Memorystore TLS endpoint (public, not a secret): Ray verifies the server with it."
+  value       = google_redis_instance.ray_gcs.server_ca_certs[0].cert
+}
+
+output "private_services_cidr" {
+  description = "Peered range that holds the private IPs of Cloud SQL and Memorystore (egress NetworkPolicies allow it)."
+  value       = "${google_compute_global_address.private_services.address}/${google_compute_global_address.private_services.prefix_length}"
 }

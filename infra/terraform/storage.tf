@@ -5,7 +5,7 @@
 
 resource "google_storage_bucket" "access_logs" {
   #checkov:skip=CKV_GCP_62:This bucket is the access-log sink of the other buckets; logging it into itself or a fifth bucket adds nothing.
-  name          = "${local.bucket_prefix}-access-logs"
+  name          = local.bucket_names.access_logs
   location      = var.region
   storage_class = "STANDARD"
   force_destroy = var.force_destroy_buckets
@@ -35,6 +35,13 @@ resource "google_storage_bucket" "access_logs" {
     }
   }
 
+  lifecycle {
+    precondition {
+      condition     = length(local.bucket_names.access_logs) <= 63
+      error_message = "GCS bucket names have at most 63 characters: shorten cluster_name."
+    }
+  }
+
   depends_on = [google_project_service.apis]
 }
 
@@ -48,7 +55,7 @@ resource "google_storage_bucket_iam_member" "access_logs_writer" {
 # WebDataset shards (gs://<this bucket>/<dataset>/shard-000000.tar ...). Written once by
 # jobs/prepare_data.py, read many times by training.
 resource "google_storage_bucket" "shards" {
-  name          = "${local.bucket_prefix}-shards"
+  name          = local.bucket_names.shards
   location      = var.region
   storage_class = "STANDARD"
   force_destroy = var.force_destroy_buckets
@@ -85,13 +92,20 @@ resource "google_storage_bucket" "shards" {
     }
   }
 
+  lifecycle {
+    precondition {
+      condition     = length(local.bucket_names.shards) <= 63
+      error_message = "GCS bucket names have at most 63 characters: shorten cluster_name."
+    }
+  }
+
   depends_on = [google_project_service.apis]
 }
 
 # DeepSpeed checkpoints (tens of GB each for ViT-H/14 with optimizer state). Versioning is on
 # so that a crash while a checkpoint is being replaced can never destroy the last good one.
 resource "google_storage_bucket" "checkpoints" {
-  name          = "${local.bucket_prefix}-checkpoints"
+  name          = local.bucket_names.checkpoints
   location      = var.region
   storage_class = "STANDARD"
   force_destroy = var.force_destroy_buckets
@@ -149,13 +163,20 @@ resource "google_storage_bucket" "checkpoints" {
     }
   }
 
+  lifecycle {
+    precondition {
+      condition     = length(local.bucket_names.checkpoints) <= 63
+      error_message = "GCS bucket names have at most 63 characters: shorten cluster_name."
+    }
+  }
+
   depends_on = [google_project_service.apis]
 }
 
 # MLflow artifacts (models, plots, logged files). Only the MLflow server writes here: clients
 # upload through it (`--serve-artifacts`), so Ray Pods need no access to this bucket.
 resource "google_storage_bucket" "mlflow_artifacts" {
-  name          = "${local.bucket_prefix}-mlflow-artifacts"
+  name          = local.bucket_names.mlflow_artifacts
   location      = var.region
   storage_class = "STANDARD"
   force_destroy = var.force_destroy_buckets
@@ -187,6 +208,13 @@ resource "google_storage_bucket" "mlflow_artifacts" {
     }
     action {
       type = "AbortIncompleteMultipartUpload"
+    }
+  }
+
+  lifecycle {
+    precondition {
+      condition     = length(local.bucket_names.mlflow_artifacts) <= 63
+      error_message = "GCS bucket names have at most 63 characters: shorten cluster_name."
     }
   }
 

@@ -7,6 +7,12 @@
 variable "project_id" {
   type        = string
   description = "Google Cloud project id that receives every resource (must already exist, with billing enabled)."
+
+  validation {
+    # Google's own rule for project ids; the length bound also keeps every bucket name <= 63 characters.
+    condition     = can(regex("^[a-z][a-z0-9-]{4,28}[a-z0-9]$", var.project_id))
+    error_message = "project_id must be 6-30 characters of lowercase letters, digits and '-', starting with a letter."
+  }
 }
 
 variable "region" {
@@ -91,6 +97,47 @@ variable "release_channel" {
   }
 }
 
+variable "gke_min_version" {
+  type        = string
+  description = "Oldest GKE minor version the control plane may run (min_master_version). It decides which NVIDIA driver gpu_driver_version=DEFAULT installs: 1.34 is the first minor assumed to default to driver branch R580, the one CUDA 13 (torch 2.14.1) needs. See infra/README.md, 'CUDA and driver'."
+  default     = "1.34"
+
+  validation {
+    condition     = can(regex("^1\\.[0-9]+$", var.gke_min_version)) && try(tonumber(split(".", var.gke_min_version)[1]) >= 34, false)
+    error_message = "gke_min_version must be a minor version 1.34 or later (e.g. \"1.35\"): older GKE versions default to drivers older than R580, which cannot run CUDA 13."
+  }
+}
+
+variable "maintenance_recurring_window" {
+  type = object({
+    start_time = string
+    end_time   = string
+    recurrence = string
+  })
+  description = "When GKE may upgrade or repair the control plane and nodes (RFC 3339 times, RRULE recurrence). Default: Saturday and Sunday 01:00-09:00 UTC."
+  default = {
+    start_time = "2026-01-03T01:00:00Z"
+    end_time   = "2026-01-03T09:00:00Z"
+    recurrence = "FREQ=WEEKLY;BYDAY=SA,SU"
+  }
+}
+
+variable "maintenance_exclusions" {
+  type = list(object({
+    name       = string
+    start_time = string
+    end_time   = string
+    scope      = string
+  }))
+  description = "Periods in which GKE must not upgrade (a long pretraining run): RFC 3339 times, scope NO_UPGRADES (at most 30 days), NO_MINOR_UPGRADES or NO_MINOR_OR_NODE_UPGRADES (up to the version's end of support)."
+  default     = []
+
+  validation {
+    condition     = alltrue([for e in var.maintenance_exclusions : contains(["NO_UPGRADES", "NO_MINOR_UPGRADES", "NO_MINOR_OR_NODE_UPGRADES"], e.scope)])
+    error_message = "Each maintenance_exclusions[].scope must be NO_UPGRADES, NO_MINOR_UPGRADES or NO_MINOR_OR_NODE_UPGRADES."
+  }
+}
+
 variable "rbac_security_group" {
   type        = string
   description = "Optional Google Group (gke-security-groups@<your-domain>) for Kubernetes RBAC with Google Groups. Needs Cloud Identity / Workspace; null leaves the feature off."
@@ -99,8 +146,14 @@ variable "rbac_security_group" {
 
 variable "k8s_namespace" {
   type        = string
-  description = "Kubernetes namespace of the Ray clusters, jobs and the MLflow server (must match infra/k8s)."
+  description = "Kubernetes namespace of the Ray clusters and jobs (must match infra/k8s)."
   default     = "vitpipe"
+}
+
+variable "mlflow_namespace" {
+  type        = string
+  description = "Kubernetes namespace of the MLflow server, apart from the Ray namespace so job code cannot touch it (must match infra/k8s)."
+  default     = "mlflow"
 }
 
 variable "ray_ksa_name" {
@@ -185,18 +238,35 @@ variable "gpu_max_nodes" {
 
 variable "gpu_driver_version" {
   type        = string
-  description = "NVIDIA driver GKE installs on GPU nodes: DEFAULT or LATEST for the GKE version, or INSTALLATION_DISABLED to install it yourself."
-  default     = "LATEST"
+  description = "NVIDIA driver GKE installs on GPU nodes: DEFAULT (the driver branch GKE pairs with the cluster version, pinned through gke_min_version), or INSTALLATION_DISABLED to install a driver yourself. LATEST is refused: it moves to a new branch whenever GKE publishes one, under a running pool."
+  default     = "DEFAULT"
 
   validation {
-    condition     = contains(["DEFAULT", "LATEST", "INSTALLATION_DISABLED"], var.gpu_driver_version)
-    error_message = "gpu_driver_version must be DEFAULT, LATEST or INSTALLATION_DISABLED."
+    condition     = contains(["DEFAULT", "INSTALLATION_DISABLED"], var.gpu_driver_version)
+    error_message = "gpu_driver_version must be DEFAULT or INSTALLATION_DISABLED (LATEST changes the driver under the image's CUDA 13 build; pin it with gke_min_version instead)."
   }
 }
 
-variable "gpu_spot" {
+variable "gpu_provisioning" {
+  type        = string
+  description = "How GPU nodes are obtained (infra/README.md, 'Getting H100s'): ON_DEMAND (also uses a matching open reservation), SPOT (cheap, reclaimable), RESERVATION (gpu_reservation_name), FLEX_START (Dynamic Workload Scheduler: waits for capacity, up to 7 days per node) or QUEUED_PROVISIONING (DWS with Kueue ProvisioningRequests: all nodes of a job at once)."
+  default     = "ON_DEMAND"
+
+  validation {
+    condition     = contains(["ON_DEMAND", "SPOT", "RESERVATION", "FLEX_START", "QUEUED_PROVISIONING"], var.gpu_provisioning)
+    error_message = "gpu_provisioning must be ON_DEMAND, SPOT, RESERVATION, FLEX_START or QUEUED_PROVISIONING."
+  }
+}
+
+variable "gpu_reservation_name" {
+  type        = string
+  description = "Name of a Compute Engine reservation of gpu_machine_type in the GPU zone, consumed when gpu_provisioning = RESERVATION. A reservation is billed whether or not nodes use it."
+  default     = null
+}
+
+variable "gpu_compact_placement" {
   type        = bool
-  description = "Use Spot VMs for the GPU pool: much cheaper, but nodes can be reclaimed at any time (training resumes from the last checkpoint)."
+  description = "Place GPU nodes physically close (compact placement policy) for lower inter-node latency in multi-node training. Needs exactly one zone in gpu_node_locations."
   default     = false
 }
 
@@ -210,6 +280,45 @@ variable "gpu_disk_size_gb" {
   type        = number
   description = "Boot disk size of each GPU node in GB (holds the ~15 GB project image)."
   default     = 200
+}
+
+# --- Ray head fault tolerance (Memorystore for Redis) -----------------------------------------
+
+variable "redis_tier" {
+  type        = string
+  description = "Memorystore tier of the Redis that keeps Ray's GCS state across head restarts: BASIC (one node) or STANDARD_HA (replicated)."
+  default     = "BASIC"
+
+  validation {
+    condition     = contains(["BASIC", "STANDARD_HA"], var.redis_tier)
+    error_message = "redis_tier must be BASIC or STANDARD_HA."
+  }
+}
+
+variable "redis_memory_gb" {
+  type        = number
+  description = "Memorystore capacity in GB; Ray's GCS state is small (1 GB holds thousands of actors and jobs)."
+  default     = 1
+}
+
+# --- Alerts and budget --------------------------------------------------------------------------
+
+variable "alert_email" {
+  type        = string
+  description = "E-mail address that receives the alerts (idle GPUs, GPU hardware errors, Ray head down) and the budget notices. null: alerts still fire in Cloud Monitoring but notify no one."
+  default     = null
+}
+
+variable "billing_account_id" {
+  type        = string
+  description = "Billing account (XXXXXX-XXXXXX-XXXXXX) for the monthly budget alert on this project; null creates no budget. Needs roles/billing.costsManager on the account."
+  default     = null
+}
+
+variable "monthly_budget_usd" {
+  type        = number
+  description = "Monthly budget in US dollars; notices at 50 %, 90 % and 100 % of actual spend and at 100 % of forecast spend."
+  default     = 5000
 }
 
 # --- Storage ----------------------------------------------------------------------------------
