@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import ConfigError
+from pipeline.config.cli import add_config_arguments, refuse
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,10 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scratch", action="store_true", help="also fine-tune the same architecture from scratch")
     parser.add_argument("--variant", help="architecture of an official .npz checkpoint, e.g. B/16")
     parser.add_argument("--label", help="model label shown in comparisons (default: from the pretraining run)")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else runs/mlflow.db)")
     parser.add_argument("--experiment", help="MLflow experiment (default: vit-transfer)")
-    parser.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
+    add_config_arguments(parser, set_example="steps=500 --set lrs=0.003,0.01 --set imagenet.micro_batch_size=64")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
     return parser.parse_args(argv)
 
@@ -52,7 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from pipeline import transfer
+    from pipeline.config.transfer import build_config
+    from pipeline.transfer.orchestrate import describe_plan, run_sweep
+    from pipeline.transfer.sweep import plan_sweep
 
     fields = {
         "pretrained": args.pretrained,
@@ -73,22 +75,20 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(
                     [f"--fewshot {args.fewshot!r}: give shot counts as integers, e.g. 1,5,10,25"]
                 ) from None
-        cfg = transfer.build_config(fields, args.sets)
-        plan = transfer.plan_sweep(cfg)
+        cfg = build_config(fields, args.sets)
+        plan = plan_sweep(cfg)
     except (ConfigError, ValueError) as exc:
-        print(f"transfer: {exc}", file=sys.stderr)
-        return 2
-    print(transfer.describe_plan(plan), flush=True)
+        return refuse("transfer", exc)
+    print(describe_plan(plan), flush=True)
     if args.dry_run:
         return 0
 
     import ray
 
     try:
-        result = transfer.run_sweep(cfg, plan=plan)
+        result = run_sweep(cfg, plan=plan)
     except ConfigError as exc:  # e.g. the cluster cannot fit a run's resource request
-        print(f"transfer: {exc}", file=sys.stderr)
-        return 2
+        return refuse("transfer", exc)
     finally:
         ray.shutdown()
 

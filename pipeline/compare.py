@@ -5,13 +5,7 @@ followed by the paper's published numbers as reference columns. A benchmark that
 sweep shows as a visible gap ("failed", "—"), never as a dropped row; a number that stands on only some of its
 fine-tuning runs says how many failed.
 
-This module also defines the result schema of a transfer sweep's parent run, written by ``pipeline.transfer``
-and read here:
-- tags ``role=transfer_sweep``, ``model_label``, ``init`` (pretrained | scratch), ``pretrain_run_id``,
-  ``pretrained_uri``, ``result_rows`` (comma-separated row names) and ``status/<row>`` (``ok`` or why not);
-- metrics ``<benchmark>/test_accuracy`` (fraction, mean over seeds), ``<benchmark>/test_accuracy_std`` (with
-  several seeds), ``<benchmark>/best_lr``, ``<benchmark>/failed_runs`` (when some fine-tuning runs failed),
-  few-shot ``<benchmark>/fewshot_<k>shot`` (+ ``_std``).
+The sweeps are read in the result schema of ``pipeline.results``, which ``pipeline.transfer`` writes.
 """
 
 from __future__ import annotations
@@ -24,43 +18,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import paper
+from pipeline.results import (
+    COMPARISON_ROLE,
+    INIT_TAG,
+    MODEL_LABEL_TAG,
+    ROLE_TAG,
+    ROWS_TAG,
+    SCRATCH_RUN_TAG,
+    STATUS_OK,
+    SWEEP_ROLE,
+    failed_runs_key,
+    status_tag,
+    std_key,
+    value_key,
+)
 
-# --- schema shared with pipeline.transfer ---------------------------------------------------------------------
-ROLE_TAG = "role"
-SWEEP_ROLE = "transfer_sweep"
-COMPARISON_ROLE = "comparison"
-MODEL_LABEL_TAG = "model_label"
-INIT_TAG = "init"  # "pretrained" or "scratch"
-PRETRAIN_RUN_TAG = "pretrain_run_id"
-PRETRAINED_URI_TAG = "pretrained_uri"
-SCRATCH_RUN_TAG = "scratch_run_id"  # on a pretrained sweep: its from-scratch baseline's parent run
-BASELINE_FOR_TAG = "baseline_for"  # on a scratch sweep: the pretrained sweep it is the baseline of
-ROWS_TAG = "result_rows"
-STATUS_OK = "ok"
-STATUS_FAILED = "failed"
 MISSING = "—"
-
-
-def value_key(row: str) -> str:
-    """Metric holding a row's accuracy (a fraction): few-shot rows are named after their metric already."""
-    return row if "/fewshot_" in row else f"{row}/test_accuracy"
-
-
-def std_key(row: str) -> str:
-    return value_key(row) + "_std"
-
-
-def failed_runs_key(row: str) -> str:
-    """Metric counting a benchmark's failed fine-tuning runs, when its row still has a number from the others."""
-    return f"{row}/failed_runs"
-
-
-def status_tag(row: str) -> str:
-    return f"status/{row}"
-
-
-def fewshot_row(benchmark: str, shots: int) -> str:
-    return f"{benchmark}/fewshot_{shots}shot"
 
 
 # --- the table --------------------------------------------------------------------------------------------------

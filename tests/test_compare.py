@@ -8,6 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import compare as cmp
 from pipeline import paper
+from pipeline import results as schema
 
 
 @pytest.fixture(scope="module")
@@ -18,24 +19,24 @@ def tracking_uri(tmp_path_factory):
 
 
 def _log_sweep(client, exp_id, *, label, init, results, failed=(), extra_tags=None):
-    """A parent run laid out as the transfer sweep writes it (see pipeline.compare's schema)."""
+    """A parent run laid out as the transfer sweep writes it (see pipeline.results)."""
     rows = [*results, *failed]
     tags = {
-        cmp.ROLE_TAG: cmp.SWEEP_ROLE,
-        cmp.MODEL_LABEL_TAG: label,
-        cmp.INIT_TAG: init,
-        cmp.ROWS_TAG: ",".join(rows),
+        schema.ROLE_TAG: schema.SWEEP_ROLE,
+        schema.MODEL_LABEL_TAG: label,
+        schema.INIT_TAG: init,
+        schema.ROWS_TAG: ",".join(rows),
         **(extra_tags or {}),
     }
     run = client.create_run(exp_id, run_name=label, tags=tags)
     rid = run.info.run_id
     for row, (mean, std) in results.items():
-        client.log_metric(rid, cmp.value_key(row), mean)
+        client.log_metric(rid, schema.value_key(row), mean)
         if std is not None:
-            client.log_metric(rid, cmp.std_key(row), std)
-        client.set_tag(rid, cmp.status_tag(row), cmp.STATUS_OK)
+            client.log_metric(rid, schema.std_key(row), std)
+        client.set_tag(rid, schema.status_tag(row), schema.STATUS_OK)
     for row in failed:
-        client.set_tag(rid, cmp.status_tag(row), cmp.STATUS_FAILED)
+        client.set_tag(rid, schema.status_tag(row), schema.STATUS_FAILED)
     client.set_terminated(rid, "FINISHED")
     return rid
 
@@ -65,7 +66,7 @@ def test_table_has_every_row_paper_columns_and_the_logged_numbers(tracking_uri, 
             "cifar10": (0.5, None),
         },
         failed=["lfw"],
-        extra_tags={cmp.SCRATCH_RUN_TAG: scratch},
+        extra_tags={schema.SCRATCH_RUN_TAG: scratch},
     )
 
     # Name only the pretrained sweep: its scratch baseline comes along.
@@ -151,7 +152,7 @@ def test_value_of_pretraining_is_judged_against_the_spread_across_seeds():
             "pets/test_accuracy": 0.50,
             "pets/test_accuracy_std": 0.04,
         },
-        tags={cmp.status_tag(r): cmp.STATUS_OK for r in ("digits_heldout", "lfw", "pets")},
+        tags={schema.status_tag(r): schema.STATUS_OK for r in ("digits_heldout", "lfw", "pets")},
     )
     pretrained = cmp.Sweep(
         run_id="pretrained01",
@@ -166,8 +167,8 @@ def test_value_of_pretraining_is_judged_against_the_spread_across_seeds():
             "pets/test_accuracy_std": 0.01,
             "cifar10/test_accuracy": 0.9,
         },
-        tags={cmp.SCRATCH_RUN_TAG: "scratch00001"}
-        | {cmp.status_tag(r): cmp.STATUS_OK for r in ("digits_heldout", "lfw", "pets", "cifar10")},
+        tags={schema.SCRATCH_RUN_TAG: "scratch00001"}
+        | {schema.status_tag(r): schema.STATUS_OK for r in ("digits_heldout", "lfw", "pets", "cifar10")},
     )
     gains = {g.row: g for g in cmp.build_table([pretrained, scratch]).pretraining_gains()}
 
@@ -189,7 +190,7 @@ def test_a_sweep_without_its_baseline_in_the_table_has_no_gains():
         init="pretrained",
         rows=["pets"],
         metrics={"pets/test_accuracy": 0.9},
-        tags={cmp.SCRATCH_RUN_TAG: "not-selected", cmp.status_tag("pets"): cmp.STATUS_OK},
+        tags={schema.SCRATCH_RUN_TAG: "not-selected", schema.status_tag("pets"): schema.STATUS_OK},
     )
     assert cmp.build_table([lone]).pretraining_gains() == []
 
@@ -203,10 +204,10 @@ def test_a_number_standing_on_only_some_runs_says_how_many_failed():
         metrics={
             "pets/test_accuracy": 0.436,
             "pets/test_accuracy_std": 0.034,
-            cmp.failed_runs_key("pets"): 2,
+            schema.failed_runs_key("pets"): 2,
             "lfw/test_accuracy": 0.9,
         },
-        tags={cmp.status_tag("pets"): cmp.STATUS_OK, cmp.status_tag("lfw"): cmp.STATUS_OK},
+        tags={schema.status_tag("pets"): schema.STATUS_OK, schema.status_tag("lfw"): schema.STATUS_OK},
     )
     table = cmp.build_table([sweep])
     assert "| pets | 43.60 ± 3.40 (2 runs failed) |" in table.to_markdown()

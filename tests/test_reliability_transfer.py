@@ -30,11 +30,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import model as vit_model
-from pipeline import compare as cmp
-from pipeline import transfer
+from pipeline import results as schema
 from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.export import save_exported_model
-from pipeline.transfer import tasks as bench
+from pipeline.transfer import tasks
+from pipeline.transfer.orchestrate import run_sweep
+from pipeline.transfer.summary import ERROR_TAG
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -73,10 +74,10 @@ def data_root(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def undecodable_benchmark():
-    benchmark = bench.REGISTRY["digits_heldout"].model_copy(update={"name": UNDECODABLE, "prepare_args": ()})
-    bench.register(benchmark, replace=True)
+    benchmark = tasks.REGISTRY["digits_heldout"].model_copy(update={"name": UNDECODABLE, "prepare_args": ()})
+    tasks.register(benchmark, replace=True)
     yield benchmark
-    del bench.REGISTRY[UNDECODABLE]
+    del tasks.REGISTRY[UNDECODABLE]
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,7 @@ def test_a_sweep_that_loses_one_benchmark_to_bad_data_and_one_to_sigkill_reports
 
     def sweep() -> None:
         try:
-            box["result"] = transfer.run_sweep(
+            box["result"] = run_sweep(
                 pretrained=export_url,
                 benchmarks=["digits_heldout", UNDECODABLE, "lfw"],
                 data_root=data_root,
@@ -150,12 +151,12 @@ def test_a_sweep_that_loses_one_benchmark_to_bad_data_and_one_to_sigkill_reports
 
     crashed = by_benchmark[UNDECODABLE]
     assert crashed.info.status == "FAILED"
-    error = crashed.data.tags[transfer.ERROR_TAG]
+    error = crashed.data.tags[ERROR_TAG]
     assert error.startswith("DataError") and f"{UNDECODABLE}/train-000000.tar" in error, error
 
     killed = by_benchmark["lfw"]
     assert killed.info.status == "FAILED"
-    assert any(word in killed.data.tags[transfer.ERROR_TAG] for word in ("died", "Worker", "worker")), killed.data.tags
+    assert any(word in killed.data.tags[ERROR_TAG] for word in ("died", "Worker", "worker")), killed.data.tags
 
     healthy = by_benchmark["digits_heldout"]
     assert healthy.info.status == "FINISHED"
@@ -163,9 +164,9 @@ def test_a_sweep_that_loses_one_benchmark_to_bad_data_and_one_to_sigkill_reports
 
     # The sweep as a whole completed, and its summary keeps the failures as rows.
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags[cmp.status_tag(UNDECODABLE)] == cmp.STATUS_FAILED
-    assert parent.data.tags[cmp.status_tag("lfw")] == cmp.STATUS_FAILED
-    assert parent.data.tags[cmp.status_tag("digits_heldout")] == cmp.STATUS_OK
+    assert parent.data.tags[schema.status_tag(UNDECODABLE)] == schema.STATUS_FAILED
+    assert parent.data.tags[schema.status_tag("lfw")] == schema.STATUS_FAILED
+    assert parent.data.tags[schema.status_tag("digits_heldout")] == schema.STATUS_OK
     assert sorted(o.spec.benchmark for o in result.failed) == sorted([UNDECODABLE, "lfw"])
 
     # What a user reads: jobs/compare.py's table, with the paper's benchmarks listed too.

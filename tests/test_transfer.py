@@ -17,11 +17,17 @@ from mlflow.tracking import MlflowClient
 
 import model as vit_model
 from pipeline import compare as cmp
-from pipeline import transfer
+from pipeline import results as schema
+from pipeline.cluster import check_resources
 from pipeline.config import ConfigError
+from pipeline.config.transfer import build_config
 from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.export import save_exported_model
-from pipeline.transfer import tasks as bench
+from pipeline.transfer import orchestrate, tasks
+from pipeline.transfer.orchestrate import resource_needs, run_sweep
+from pipeline.transfer.source import EXPORT_URI_TAG
+from pipeline.transfer.summary import ERROR_TAG
+from pipeline.transfer.sweep import plan_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -55,10 +61,10 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def broken_benchmark():
-    b = bench.REGISTRY["digits_heldout"].model_copy(update={"name": BROKEN, "prepare_args": ()})
-    bench.register(b, replace=True)
+    b = tasks.REGISTRY["digits_heldout"].model_copy(update={"name": BROKEN, "prepare_args": ()})
+    tasks.register(b, replace=True)
     yield b
-    del bench.REGISTRY[BROKEN]
+    del tasks.REGISTRY[BROKEN]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +76,7 @@ def pretrained(tmp_path_factory, mlflow_server):
     vit = vit_model.create_vit("Mi/4", num_classes=5, img_size=16, representation_size=128)
     url = f"file://{tmp_path_factory.mktemp('export')}/tiny"
     save_exported_model(vit, url, metadata={"run_name": "tiny-fixture", "mlflow_run_id": run_id})
-    client.set_tag(run_id, transfer.EXPORT_URI_TAG, url)
+    client.set_tag(run_id, EXPORT_URI_TAG, url)
     client.set_terminated(run_id, "FINISHED")
     return run_id, url
 
@@ -87,7 +93,7 @@ def test_sweep_records_every_child_and_a_broken_benchmark_fails_alone(
     ray_connected, mlflow_server, data_root, broken_benchmark, pretrained, tmp_path
 ):
     pretrain_run_id, export_url = pretrained
-    result = transfer.run_sweep(
+    result = run_sweep(
         pretrained=export_url,
         benchmarks=["digits_heldout", "lfw", BROKEN],
         fewshot=[1, 2],
@@ -100,9 +106,9 @@ def test_sweep_records_every_child_and_a_broken_benchmark_fails_alone(
     client = MlflowClient(mlflow_server.url)
     parent = client.get_run(result.run_id)
     # The parent links back to the pretraining run (found through the export's metadata).
-    assert parent.data.tags[cmp.PRETRAIN_RUN_TAG] == pretrain_run_id
-    assert parent.data.tags[cmp.PRETRAINED_URI_TAG] == export_url
-    assert parent.data.tags[cmp.MODEL_LABEL_TAG] == "tiny-fixture"
+    assert parent.data.tags[schema.PRETRAIN_RUN_TAG] == pretrain_run_id
+    assert parent.data.tags[schema.PRETRAINED_URI_TAG] == export_url
+    assert parent.data.tags[schema.MODEL_LABEL_TAG] == "tiny-fixture"
     assert parent.info.status == "FINISHED"
 
     children = _children(client, result.run_id)
@@ -118,9 +124,9 @@ def test_sweep_records_every_child_and_a_broken_benchmark_fails_alone(
     for child in children:
         if child.data.tags["benchmark"] == BROKEN:
             assert child.info.status == "FAILED"
-            assert f"{BROKEN}/train-000000.tar" in child.data.tags[transfer.ERROR_TAG]
+            assert f"{BROKEN}/train-000000.tar" in child.data.tags[ERROR_TAG]
             continue
-        assert child.info.status == "FINISHED", child.data.tags.get(transfer.ERROR_TAG)
+        assert child.info.status == "FINISHED", child.data.tags.get(ERROR_TAG)
         if child.data.tags["kind"] == "finetune":
             # Curves over steps, the recipe as params.
             curve = client.get_metric_history(child.info.run_id, "test_accuracy")
@@ -154,7 +160,7 @@ def test_sweep_records_every_child_and_a_broken_benchmark_fails_alone(
     )
     assert float(lfw["final"].data.params["lr"]) == metrics["lfw/best_lr"] == float(winner.data.params["lr"])
     assert metrics["lfw/test_accuracy"] == pytest.approx(lfw["final"].data.metrics["test_accuracy"])
-    assert parent.data.tags[cmp.status_tag(BROKEN)] == cmp.STATUS_FAILED
+    assert parent.data.tags[schema.status_tag(BROKEN)] == schema.STATUS_FAILED
     assert f"{BROKEN}/test_accuracy" not in metrics
 
     # The comparison shows the broken benchmark as a gap and our numbers as logged.
@@ -199,11 +205,11 @@ def test_job_submit_resolves_a_pretraining_run_and_runs_the_scratch_baseline(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client = MlflowClient(mlflow_server.url)
     exp = client.get_experiment_by_name("transfer-job-test")
-    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.{cmp.ROLE_TAG} = '{cmp.SWEEP_ROLE}'")
-    by_init = {p.data.tags[cmp.INIT_TAG]: p for p in parents}
+    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.{schema.ROLE_TAG} = '{schema.SWEEP_ROLE}'")
+    by_init = {p.data.tags[schema.INIT_TAG]: p for p in parents}
     assert set(by_init) == {"pretrained", "scratch"}
-    assert by_init["pretrained"].data.tags[cmp.SCRATCH_RUN_TAG] == by_init["scratch"].info.run_id
-    assert by_init["pretrained"].data.tags[cmp.PRETRAIN_RUN_TAG] == pretrain_run_id
+    assert by_init["pretrained"].data.tags[schema.SCRATCH_RUN_TAG] == by_init["scratch"].info.run_id
+    assert by_init["pretrained"].data.tags[schema.PRETRAIN_RUN_TAG] == pretrain_run_id
     for p in parents:
         assert "lfw/test_accuracy" in p.data.metrics
         assert len(_children(client, p.info.run_id)) == 1
@@ -220,18 +226,18 @@ def test_configuration_errors_surface_before_any_run_is_created(tmp_path, data_r
     base = {"pretrained": export_url, "data_root": data_root, "tracking_uri": uri}
 
     with pytest.raises(ConfigError, match=r"unknown benchmark\(s\) 'cifar11'; known: .*cifar10"):
-        transfer.plan_sweep(transfer.build_config({**base, "benchmarks": ["cifar11"]}))
+        plan_sweep(build_config({**base, "benchmarks": ["cifar11"]}))
     # A paper benchmark without shards under the root: named, with its URL.
     with pytest.raises(ConfigError, match=r"benchmark 'pets': split train is missing .*/pets/train.manifest.json"):
-        transfer.plan_sweep(transfer.build_config({**base, "benchmarks": ["lfw", "pets"]}))
+        plan_sweep(build_config({**base, "benchmarks": ["lfw", "pets"]}))
     with pytest.raises(ConfigError, match=r"lfw: recipe.warmup_steps"):
-        transfer.plan_sweep(transfer.build_config({**base, "benchmarks": ["lfw"]}, ["steps=5", "warmup_steps=9"]))
+        plan_sweep(build_config({**base, "benchmarks": ["lfw"]}, ["steps=5", "warmup_steps=9"]))
     with pytest.raises(ConfigError, match=r"--set stepz: unknown key"):
-        transfer.build_config({**base, "benchmarks": ["lfw"]}, ["stepz=5"])
+        build_config({**base, "benchmarks": ["lfw"]}, ["stepz=5"])
     with pytest.raises(ConfigError, match=r"fewshot: benchmark 'digits_heldout' has only 4 training images"):
-        transfer.plan_sweep(transfer.build_config({**base, "benchmarks": ["digits_heldout"], "fewshot": [5]}))
+        plan_sweep(build_config({**base, "benchmarks": ["digits_heldout"], "fewshot": [5]}))
     with pytest.raises(ConfigError, match=r"benchmark_recipes.vtab: 'vtab' is not among the benchmarks"):
-        transfer.plan_sweep(transfer.build_config({**base, "benchmarks": ["lfw"]}, ["vtab.steps=5"]))
+        plan_sweep(build_config({**base, "benchmarks": ["lfw"]}, ["vtab.steps=5"]))
     # Nothing reached MLflow.
     assert not (tmp_path / "untouched.db").exists()
 
@@ -239,7 +245,7 @@ def test_configuration_errors_surface_before_any_run_is_created(tmp_path, data_r
 def test_an_alias_override_sets_every_member_and_a_members_own_setting_wins(data_root, pretrained):
     _, export_url = pretrained
     fields = {"pretrained": export_url, "data_root": data_root, "benchmarks": ["embedded"]}
-    plan = transfer.plan_sweep(transfer.build_config(fields, ["embedded.steps=17", "lfw.steps=19", "embedded.seeds=2"]))
+    plan = plan_sweep(build_config(fields, ["embedded.steps=17", "lfw.steps=19", "embedded.seeds=2"]))
     got = {p.benchmark.name: (p.recipe.steps, p.recipe.seeds) for p in plan.benchmarks}
     assert got == {"digits_heldout": (17, 2), "lfw": (19, 2)}
 
@@ -259,7 +265,7 @@ def test_a_run_whose_worker_is_killed_is_marked_failed_and_the_others_finish(
     box: dict = {}
 
     def sweep() -> None:
-        box["result"] = transfer.run_sweep(
+        box["result"] = run_sweep(
             pretrained=export_url,
             benchmarks=["digits_heldout", "lfw"],
             data_root=data_root,
@@ -293,10 +299,10 @@ def test_a_run_whose_worker_is_killed_is_marked_failed_and_the_others_finish(
     children = {c.data.tags["benchmark"] + c.data.params["lr"]: c for c in _children(client, result.run_id)}
     killed = children["lfw0.01"]
     assert killed.info.status == "FAILED"
-    assert "Worker" in killed.data.tags[transfer.ERROR_TAG] or "died" in killed.data.tags[transfer.ERROR_TAG]
+    assert "Worker" in killed.data.tags[ERROR_TAG] or "died" in killed.data.tags[ERROR_TAG]
     assert all(c.info.status == "FINISHED" for key, c in children.items() if key.startswith("digits_heldout"))
     parent = client.get_run(result.run_id)
-    assert parent.data.tags[cmp.status_tag("lfw")] == cmp.STATUS_FAILED
+    assert parent.data.tags[schema.status_tag("lfw")] == schema.STATUS_FAILED
     assert "digits_heldout/test_accuracy" in parent.data.metrics
 
 
@@ -305,11 +311,11 @@ def test_runs_the_cluster_cannot_host_yet_fail_on_a_local_ray_and_wait_for_the_a
 ):
     _, export_url = pretrained
     fields = {"pretrained": export_url, "benchmarks": ["digits_heldout"], "data_root": data_root, "num_gpus": 1}
-    specs = transfer.plan_sweep(transfer.build_config(fields, FAST)).specs()
+    specs = plan_sweep(build_config(fields, FAST)).specs()
     with pytest.raises(ConfigError, match=r"asks for 1 GPU\(s\) but the Ray cluster has 0"):
-        transfer.check_resources(specs, can_grow=False)
-    with caplog.at_level("WARNING", logger="pipeline.transfer"):
-        transfer.check_resources(specs, can_grow=True)
+        check_resources(resource_needs(specs), can_grow=False)
+    with caplog.at_level("WARNING", logger="pipeline.cluster"):
+        check_resources(resource_needs(specs), can_grow=True)
     assert "asks for 1 GPU(s)" in caplog.text and "autoscaler" in caplog.text
 
 
@@ -317,15 +323,15 @@ def test_final_runs_that_cannot_be_started_fail_alone_and_the_sweep_still_summar
     ray_connected, mlflow_server, data_root, pretrained, monkeypatch
 ):
     _, export_url = pretrained
-    real_create_child = transfer._create_child
+    real_create_child = orchestrate._create_child
 
     def create_child(client, exp_id, parent_id, spec):
         if spec.stage == "final":  # the tracking server goes away just as the final runs are due
             raise ConnectionError("tracking server unreachable")
         return real_create_child(client, exp_id, parent_id, spec)
 
-    monkeypatch.setattr(transfer, "_create_child", create_child)
-    result = transfer.run_sweep(
+    monkeypatch.setattr(orchestrate, "_create_child", create_child)
+    result = run_sweep(
         pretrained=export_url,
         benchmarks=["lfw", "digits_heldout"],
         data_root=data_root,
@@ -335,8 +341,6 @@ def test_final_runs_that_cannot_be_started_fail_alone_and_the_sweep_still_summar
     )
     parent = MlflowClient(mlflow_server.url).get_run(result.run_id)
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags[cmp.status_tag("lfw")] == cmp.STATUS_FAILED
-    assert (
-        "could not start: ConnectionError: tracking server unreachable" in parent.data.tags[f"{transfer.ERROR_TAG}/lfw"]
-    )
-    assert parent.data.tags[cmp.status_tag("digits_heldout")] == cmp.STATUS_OK  # the sibling is unaffected
+    assert parent.data.tags[schema.status_tag("lfw")] == schema.STATUS_FAILED
+    assert "could not start: ConnectionError: tracking server unreachable" in parent.data.tags[f"{ERROR_TAG}/lfw"]
+    assert parent.data.tags[schema.status_tag("digits_heldout")] == schema.STATUS_OK  # the sibling is unaffected

@@ -15,10 +15,14 @@ import torch
 from fixtures.official_npz import to_official
 
 import model as vit_model
-from pipeline import storage, transfer
+from pipeline import storage
 from pipeline.config import ConfigError
+from pipeline.config.transfer import build_config
 from pipeline.data.prepare import PrepareOptions, prepare
-from pipeline.transfer import tasks as bench
+from pipeline.transfer import tasks
+from pipeline.transfer.orchestrate import execute
+from pipeline.transfer.source import build_model
+from pipeline.transfer.sweep import plan_sweep
 
 FAST = ["resolution=24", "steps=3", "warmup_steps=1", "batch_size=8", "eval_every=3", "seeds=1", "lrs=[0.01]"]
 
@@ -48,7 +52,7 @@ def checkpoint(tmp_path_factory):
 
 def _config(data_root, url, *extra):
     fields = {"pretrained": url, "benchmarks": ["digits_heldout"], "data_root": data_root, "fewshot": (1,)}
-    return transfer.build_config(fields, [*FAST, "variant=Mi/4", "checkpoint_img_size=16", *extra])
+    return build_config(fields, [*FAST, "variant=Mi/4", "checkpoint_img_size=16", *extra])
 
 
 @pytest.fixture
@@ -58,23 +62,23 @@ def digits_variant(data_root, tmp_path):
     registered = []
 
     def make(name: str, **update) -> str:
-        bench.register(bench.REGISTRY["digits_heldout"].model_copy(update={"name": name, **update}), replace=True)
+        tasks.register(tasks.REGISTRY["digits_heldout"].model_copy(update={"name": name, **update}), replace=True)
         registered.append(name)
         storage.download_dir(f"{data_root}/digits_heldout", tmp_path / name)
         return f"file://{tmp_path}"
 
     yield make
     for name in registered:
-        del bench.REGISTRY[name]
+        del tasks.REGISTRY[name]
 
 
 def test_an_official_npz_is_loaded_as_is_and_fine_tuned_with_a_new_head(data_root, checkpoint):
     original, url = checkpoint
-    plan = transfer.plan_sweep(_config(data_root, url))
+    plan = plan_sweep(_config(data_root, url))
     assert plan.source.kind == "npz" and plan.source.spec["variant"] == "Mi/4"
     assert plan.source.label == "ViT-Mi/4 (Mi_4.npz)"
 
-    loaded = transfer.build_model(plan.source, "pretrained", seed=0)
+    loaded = build_model(plan.source, "pretrained", seed=0)
     expected = {k: v for k, v in original.state_dict().items() if not k.startswith("head.")}
     got = loaded.state_dict()
     assert set(got) - {"head.weight", "head.bias"} == set(expected)
@@ -82,9 +86,9 @@ def test_an_official_npz_is_loaded_as_is_and_fine_tuned_with_a_new_head(data_roo
         torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
 
     specs = {spec.kind: spec for spec in plan.specs()}
-    tuned = transfer.execute(specs["finetune"])  # 24 px: position embeddings resampled from 4x4 to 6x6
+    tuned = execute(specs["finetune"])  # 24 px: position embeddings resampled from 4x4 to 6x6
     assert 0.0 <= tuned["test_accuracy"] <= 1.0 and 0.0 <= tuned["minival_accuracy"] <= 1.0
-    few = transfer.execute(specs["fewshot"])
+    few = execute(specs["fewshot"])
     assert 0.0 <= few["fewshot_1shot"] <= 1.0
     # Of the 20 training images only the drawn ones were embedded: 1 shot x 5 classes x 3 seeds at most.
     assert 5 <= few["train_images_embedded"] <= 15
@@ -94,18 +98,18 @@ def test_an_npz_without_its_variant_or_missing_is_refused_before_any_run(data_ro
     _, url = checkpoint
     fields = {"pretrained": url, "benchmarks": ["digits_heldout"], "data_root": data_root}
     with pytest.raises(ConfigError, match=r"does not name its architecture; pass --variant"):
-        transfer.plan_sweep(transfer.build_config(fields, FAST))
+        plan_sweep(build_config(fields, FAST))
     with pytest.raises(ConfigError, match=r"pretrained: .*nowhere\.npz does not exist"):
-        transfer.plan_sweep(_config(data_root, f"file://{tmp_path}/nowhere.npz"))
+        plan_sweep(_config(data_root, f"file://{tmp_path}/nowhere.npz"))
 
 
 def test_an_npz_of_another_architecture_is_refused_before_any_run_with_the_right_variant(data_root, checkpoint):
     _, url = checkpoint
     fields = {"pretrained": url, "benchmarks": ["digits_heldout"], "data_root": data_root}
     with pytest.raises(ConfigError, match=r"Checkpoint is a ViT-Mi/4 .*not ViT-Ti/4 .*use variant 'Mi/4'"):
-        transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Ti/4", "checkpoint_img_size=16"]))
+        plan_sweep(build_config(fields, [*FAST, "variant=Ti/4", "checkpoint_img_size=16"]))
     with pytest.raises(ConfigError, match=r"has a class token, but pool='gap'.*use pool='token'"):
-        transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4", "checkpoint_pool=gap"]))
+        plan_sweep(build_config(fields, [*FAST, "variant=Mi/4", "checkpoint_pool=gap"]))
 
 
 def test_a_checkpoint_on_gcs_is_checked_from_its_headers_only(gcs_bucket, tmp_path):
@@ -129,11 +133,11 @@ def test_a_shot_count_that_takes_every_training_image_warns_that_seeds_cannot_di
     _, url = checkpoint
     fields = {"pretrained": url, "benchmarks": ["digits_heldout"], "data_root": data_root, "fewshot": (1, 4)}
     with caplog.at_level("WARNING", logger="pipeline.transfer"):
-        transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4", "checkpoint_img_size=16"]))
+        plan_sweep(build_config(fields, [*FAST, "variant=Mi/4", "checkpoint_img_size=16"]))
     assert "4-shot draws all of them, so its seeds do not differ" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="pipeline.transfer"):
-        transfer.plan_sweep(_config(data_root, url))  # 1-shot of 4 per class: seeds differ, no warning
+        plan_sweep(_config(data_root, url))  # 1-shot of 4 per class: seeds differ, no warning
     assert "seeds do not differ" not in caplog.text
 
 
@@ -147,15 +151,15 @@ def test_an_npz_with_a_pre_logits_layer_is_described_by_its_own_headers(data_roo
     url = f"file://{path}"
     fields = {"pretrained": url, "benchmarks": ["digits_heldout"], "data_root": data_root}
 
-    plan = transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=ViT-Mi/4"]))
+    plan = plan_sweep(build_config(fields, [*FAST, "variant=ViT-Mi/4"]))
     assert plan.source.spec == {"variant": "Mi/4", "img_size": 24, "pool": "token", "representation_size": 64}
     assert plan.source.label == "ViT-Mi/4 (Mi_4_prelogits.npz)"
-    loaded = transfer.build_model(plan.source, "pretrained", seed=0)
+    loaded = build_model(plan.source, "pretrained", seed=0)
     torch.testing.assert_close(loaded.state_dict()["representation.weight"], vit.state_dict()["representation.weight"])
-    assert 0.0 <= transfer.execute(plan.specs()[0])["test_accuracy"] <= 1.0  # representation dropped, new head
+    assert 0.0 <= execute(plan.specs()[0])["test_accuracy"] <= 1.0  # representation dropped, new head
 
     with pytest.raises(ConfigError, match=r"checkpoint_representation_size=32: .* has a 64-wide pre-logits layer"):
-        transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4", "checkpoint_representation_size=32"]))
+        plan_sweep(build_config(fields, [*FAST, "variant=Mi/4", "checkpoint_representation_size=32"]))
 
 
 def test_the_fine_tuning_resolution_follows_the_model_unless_set(
@@ -163,16 +167,16 @@ def test_the_fine_tuning_resolution_follows_the_model_unless_set(
 ):
     _, url = checkpoint
     # A paper-suite benchmark on the digits shards, and Mi/4 treated like the paper's large models (as L/16 -> 512).
-    monkeypatch.setitem(bench.HIGH_RES_FINETUNE, "Mi/4", 20)
+    monkeypatch.setitem(tasks.HIGH_RES_FINETUNE, "Mi/4", 20)
     root = digits_variant("digits_paperlike", suite="paper")
     storage.download_dir(f"{data_root}/digits_heldout", tmp_path / "digits_heldout")  # beside it, the original
     fields = {"pretrained": url, "benchmarks": ["digits_heldout", "digits_paperlike"], "data_root": root}
     no_resolution = [s for s in FAST if not s.startswith("resolution=")]
-    plan = transfer.plan_sweep(transfer.build_config(fields, [*no_resolution, "variant=Mi/4"]))
+    plan = plan_sweep(build_config(fields, [*no_resolution, "variant=Mi/4"]))
     got = {p.benchmark.name: p.recipe.resolution for p in plan.benchmarks}
-    assert got == {"digits_heldout": bench.REGISTRY["digits_heldout"].recipe.resolution, "digits_paperlike": 20}
+    assert got == {"digits_heldout": tasks.REGISTRY["digits_heldout"].recipe.resolution, "digits_paperlike": 20}
 
-    plan = transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4"]))  # resolution=24 set
+    plan = plan_sweep(build_config(fields, [*FAST, "variant=Mi/4"]))  # resolution=24 set
     assert {p.recipe.resolution for p in plan.benchmarks} == {24}
 
 
@@ -196,7 +200,7 @@ def test_real_labels_are_checked_at_planning_and_withheld_when_test_images_are_u
     root, folder = digits_with_real
     fields = {"pretrained": url, "benchmarks": ["digits_real"], "data_root": root}
     sets = [*FAST, "variant=Mi/4"]
-    tuned = transfer.execute(transfer.plan_sweep(transfer.build_config(fields, sets)).specs()[0])
+    tuned = execute(plan_sweep(build_config(fields, sets)).specs()[0])
     assert tuned["real_accuracy"] == pytest.approx(tuned["test_accuracy"])  # ReaL labels = the labels here
     assert "test_bad_samples" not in tuned
 
@@ -204,7 +208,7 @@ def test_real_labels_are_checked_at_planning_and_withheld_when_test_images_are_u
     good_labels = real_file.read_text()
     real_file.write_text(json.dumps(json.loads(good_labels)[:-1]))
     with pytest.raises(ConfigError, match=r"real_labels.json lists \d+ images but the test split has \d+"):
-        transfer.plan_sweep(transfer.build_config(fields, sets))
+        plan_sweep(build_config(fields, sets))
     real_file.write_text(good_labels)
 
     # One test image's bytes turn to garbage: the accuracy says it stands on one image fewer, ReaL is withheld.
@@ -218,24 +222,24 @@ def test_real_labels_are_checked_at_planning_and_withheld_when_test_images_are_u
                 data, spoiled = b"not a jpeg" * 10, True
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
-    tuned = transfer.execute(transfer.plan_sweep(transfer.build_config(fields, sets)).specs()[0])
+    tuned = execute(plan_sweep(build_config(fields, sets)).specs()[0])
     assert tuned["test_bad_samples"] == 1
     assert "real_accuracy" not in tuned
 
 
 def test_a_refit_benchmark_whose_minival_has_other_classes_is_refused_at_planning(checkpoint, digits_variant, tmp_path):
     _, url = checkpoint
-    recipe = bench.REGISTRY["digits_heldout"].recipe.model_copy(update={"refit": True})
+    recipe = tasks.REGISTRY["digits_heldout"].recipe.model_copy(update={"refit": True})
     fields = {
         "pretrained": url,
         "benchmarks": ["digits_refit"],
         "data_root": digits_variant("digits_refit", recipe=recipe),
     }
-    plan = transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4"]))
+    plan = plan_sweep(build_config(fields, [*FAST, "variant=Mi/4"]))
     assert {s.stage for s in plan.specs() if s.kind == "finetune"} == {"final"}  # one lr: final runs only
     minival = tmp_path / "digits_refit" / "minival.manifest.json"
     manifest = json.loads(minival.read_text())
     manifest["class_names"] = [f"other-{name}" for name in manifest["class_names"]]
     minival.write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match=r"'digits_refit': its final runs train on train \+ minival, which cannot"):
-        transfer.plan_sweep(transfer.build_config(fields, [*FAST, "variant=Mi/4"]))
+        plan_sweep(build_config(fields, [*FAST, "variant=Mi/4"]))

@@ -3,7 +3,7 @@
 import pydantic
 import pytest
 
-from pipeline.transfer import tasks as benchmarks
+from pipeline.transfer import tasks
 from pipeline.transfer.tasks import REGISTRY, VTAB_TASKS, Recipe, resolve, vtab_score
 
 
@@ -21,11 +21,11 @@ def test_paper_benchmarks_follow_table_4():
 
 
 def test_vtab_is_nineteen_tasks_in_three_groups():
-    tasks = resolve("vtab")
-    assert len(tasks) == 19
-    groups = [b.group for b in tasks]
+    vtab = resolve("vtab")
+    assert len(vtab) == 19
+    groups = [b.group for b in vtab]
     assert (groups.count("natural"), groups.count("specialized"), groups.count("structured")) == (7, 4, 8)
-    assert all(b.name.startswith("vtab/") and b.suite == "vtab" for b in tasks)
+    assert all(b.name.startswith("vtab/") and b.suite == "vtab" for b in vtab)
 
 
 def test_vtab_score_is_the_mean_of_all_nineteen_and_absent_when_one_is_missing():
@@ -88,11 +88,11 @@ def test_bad_recipes_are_rejected_with_the_field_name(change, message):
 
 def test_registering_a_benchmark_refuses_to_shadow_an_existing_one():
     with pytest.raises(ValueError, match="already registered"):
-        benchmarks.register(REGISTRY["lfw"])
+        tasks.register(REGISTRY["lfw"])
 
 
 def test_large_models_fine_tune_at_the_papers_higher_resolution_on_paper_benchmarks_only():
-    res = benchmarks.finetune_resolution
+    res = tasks.finetune_resolution
     assert res(REGISTRY["cifar10"], "B/16") == 384
     assert res(REGISTRY["cifar10"], "L/16") == 512
     assert res(REGISTRY["imagenet"], "H/14") == 518  # 384 is not a multiple of 14

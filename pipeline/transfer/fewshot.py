@@ -13,15 +13,22 @@ Choices, following big_vision's ``evaluators/fewshot_lsr.py``:
 - the regulariser: big_vision fixes it (2**10). We pick it from a small grid on a held-out labelled split when
   one is given (the benchmark's minival), which matters for our small feature widths, and otherwise use the fixed
   value.
+
+``run_fewshot`` is the run a sweep submits (one per benchmark and init): it embeds the drawn shots and the
+evaluation splits with the pretrained model and reports ``fewshot_metrics``.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from pipeline.transfer.finetune import MetricSink, RunSpec, device_for
+from pipeline.transfer.source import build_model
 
 # big_vision's fixed regulariser, used when there is no held-out split to choose one on.
 DEFAULT_L2 = 2.0**10
@@ -241,4 +248,77 @@ def fewshot_metrics(result: FewShotResult) -> dict[str, float]:
         for seed, acc in enumerate(accs):
             metrics[f"fewshot_{k}shot_seed{seed}"] = acc
         metrics[f"fewshot_{k}shot_l2"] = float(np.mean(result.l2[k]))
+    return metrics
+
+
+def run_fewshot(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, float]:
+    """Few-shot linear accuracy on frozen pre-logits features (regulariser chosen on minival).
+
+    Of the training split only the drawn examples are decoded and embedded (their keys and labels are read first):
+    at most 25 shots x classes x seeds, however large the split (ImageNet: 75k of 1.28M images)."""
+    from pipeline.data import DataError, build_eval_loader, read_labels
+    from pipeline.data.config import join_sources
+
+    device = device_for(spec.num_gpus)
+    start = time.perf_counter()
+    vit = build_model(spec.source, spec.init, seed=spec.seed).to(device).eval()
+    size = vit.spec.img_size  # the features as pretrained: no resampling, no fine-tuning
+
+    def loader(split: str, only_keys: list[str] | None = None, url: str | None = None):
+        return build_eval_loader(
+            url or spec.urls[split],
+            image_size=size,
+            batch_size=256,
+            crop_fraction=spec.recipe.eval_crop_fraction,
+            only_keys=only_keys,
+        )
+
+    def split_features(split: str) -> tuple[np.ndarray, np.ndarray]:
+        batches = loader(split)
+        try:
+            return extract_features(vit, batches, device=device)
+        except ValueError as exc:  # nothing readable: say which shards were bad
+            raise DataError(f"{split} split {spec.urls[split]}: {exc} (bad samples: {batches.bad_by_shard})") from None
+
+    def features_of(keys: list[str]) -> dict[str, np.ndarray]:
+        # Only the shards holding these keys are read again (in stored order).
+        wanted = set(keys)
+        pairs = zip(train_split.keys, train_split.shards, strict=True)
+        shards = list(dict.fromkeys(shard for key, shard in pairs if key in wanted))
+        out = {}
+        for batch in loader("train", only_keys=keys, url=join_sources(shards)).batches():
+            out.update(zip(batch.keys, embed(vit, batch.images, device=device), strict=True))
+        return out
+
+    train_split = read_labels(spec.urls["train"])
+    draws = None
+    if len(set(train_split.keys)) == len(train_split.keys):
+        try:
+            train, draws = drawn_features(
+                train_split.keys,
+                train_split.labels,
+                shots=spec.shots,
+                num_classes=spec.num_classes,
+                seeds=spec.fewshot_seeds,
+                extract=features_of,
+            )
+        except ValueError as exc:
+            raise DataError(
+                f"train split {spec.urls['train']}: {exc} (bad samples: {train_split.bad_by_shard})"
+            ) from None
+    else:  # keys repeat across shards: samples can only be told apart by position, so embed them all
+        train = split_features("train")
+    result = fewshot_eval(
+        train,
+        split_features("test"),
+        val=split_features("minival"),
+        num_classes=spec.num_classes,
+        shots=spec.shots,
+        seeds=spec.fewshot_seeds,
+        draws=draws,
+    )
+    metrics = fewshot_metrics(result)
+    metrics["train_images_embedded"] = float(len(train[1]))
+    metrics["seconds"] = time.perf_counter() - start
+    (log_metrics or (lambda m, s: None))(metrics, 0)
     return metrics
