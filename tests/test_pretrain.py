@@ -13,7 +13,7 @@ import torch
 from pipeline import storage
 from pipeline.config import load_config
 from pipeline.export import export_metadata, load_exported_model
-from pipeline.pretrain import LossNotFiniteError, preflight, run
+from pipeline.pretrain import LossNotFiniteError, check_before_launch, run
 from pipeline.pretrain import checkpoints as ckpt
 
 pytestmark = pytest.mark.slow
@@ -64,7 +64,7 @@ def _small(digits: str, root: Path, name: str, *extra: str, tracking: str | None
 
 def _train(overrides: list[str]):
     cfg = load_config("tiny", overrides)
-    plan = preflight(cfg)
+    plan = check_before_launch(cfg)
     return cfg, plan, run(cfg, plan)
 
 
@@ -115,7 +115,7 @@ def test_resume_is_exact(
         shutil.copytree(src / "step_00000020", dst / "step_00000020")
         shutil.copytree(src / "step_00000030", dst / "step_00000030")
         (dst / "step_00000030" / storage.COMPLETE_MARKER).unlink()
-        plan_b = preflight(cfg_b)
+        plan_b = check_before_launch(cfg_b)
         with caplog.at_level("WARNING", logger="pipeline.pretrain.checkpoints"):
             assert ckpt.latest_complete(plan_b.checkpoint_dir).step == 20
         assert "skipping incomplete checkpoint" in caplog.text and "step_00000030" in caplog.text
@@ -149,7 +149,7 @@ def _a_complete_checkpoint_that_does_not_load_is_an_error(source_dir: str, digit
     )
     step_dir = Path(storage.local_path(cfg.run.root)) / "broken" / "checkpoints" / "step_00000010"
     shutil.copytree(Path(storage.local_path(source_dir)) / "step_00000010", step_dir)
-    plan = preflight(cfg)
+    plan = check_before_launch(cfg)
     partition = next(step_dir.glob("zero_pp_rank_1_*optim_states.pt"))
     partition.write_bytes(partition.read_bytes()[:100])
     with pytest.raises(Exception) as excinfo:
@@ -161,7 +161,7 @@ def _a_complete_checkpoint_that_does_not_load_is_an_error(source_dir: str, digit
 def test_divergence_stops_with_the_step_and_last_good_checkpoint(digits: str, tmp_path: Path, ray_connected) -> None:
     overrides = _small(digits, tmp_path, "diverge", "optim.lr=1e30", "checkpoint.every_steps=1")
     cfg = load_config("tiny", overrides)
-    plan = preflight(cfg)
+    plan = check_before_launch(cfg)
     with pytest.raises(LossNotFiniteError) as excinfo:
         run(cfg, plan)
     message = str(excinfo.value)

@@ -29,10 +29,10 @@ import pytest
 import torch
 
 from pipeline import faults, storage
-from pipeline.config import ConfigError, Plan, load_config
+from pipeline.config import ConfigError, RunLayout, load_config
 from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.export import load_exported_model
-from pipeline.pretrain import RunResult, ledger, preflight, run
+from pipeline.pretrain import RunResult, check_before_launch, ledger, run
 from tests.test_reliability_config import CONFIG_ERROR_EXIT, PROBE, REPO, _closed_port
 
 pytestmark = pytest.mark.reliability
@@ -141,7 +141,7 @@ def _overrides(data: str, root: str, name: str, *extra: str) -> list[str]:
 
 @dataclass
 class Finished:
-    plan: Plan
+    plan: RunLayout
     result: RunResult
     seconds: float
     weights: dict[str, torch.Tensor]
@@ -154,7 +154,7 @@ class Finished:
 
 def _train(overrides: list[str]) -> Finished:
     cfg = load_config("tiny", overrides)
-    plan = preflight(cfg)
+    plan = check_before_launch(cfg)
     started = time.monotonic()
     result = run(cfg, plan)
     seconds = time.monotonic() - started
@@ -306,7 +306,7 @@ def test_a_run_launched_to_resume_that_finds_no_checkpoint_fails_instead_of_star
     checkpoints = tmp_path / "vanished" / "checkpoints"
     source = Path(storage.local_path(baseline.plan.checkpoint_dir)) / "step_00000004"
     shutil.copytree(source, checkpoints / "step_00000004")
-    plan = preflight(cfg)
+    plan = check_before_launch(cfg)
     assert plan.resume_step == EVERY  # the driver saw the checkpoint ...
     shutil.rmtree(checkpoints)  # ... which is gone when the workers look (deleted, or storage they do not reach)
     started = time.monotonic()
@@ -326,7 +326,7 @@ def test_an_unreadable_checkpoint_marker_is_refused_before_ray_naming_the_run(di
     step.mkdir(parents=True)
     (step / storage.COMPLETE_MARKER).write_bytes(b'{"step": 4, "files": [')  # cut short
     with pytest.raises(ConfigError) as refused:
-        preflight(cfg)
+        check_before_launch(cfg)
     assert "run.name=garbled" in str(refused.value) and "unreadable" in str(refused.value)
 
 
@@ -390,7 +390,7 @@ def gcs_outages(digits80, baseline, gcs_emulator, ray_connected) -> OutageRuns:
         patch.setenv(storage.EMULATOR_ENV, proxy.url)
         gcsfs.GCSFileSystem.clear_instance_cache()
         cfg = load_config("tiny", overrides)
-        plan = preflight(cfg)
+        plan = check_before_launch(cfg)
         outcome: dict = {}
 
         def train() -> None:

@@ -35,7 +35,7 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from pipeline.config import Plan, PretrainConfig
+from pipeline.config import PretrainConfig, RunLayout
 from pipeline.schedules import WarmupLinearDecay
 
 
@@ -84,7 +84,7 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
                 ) from exc
 
 
-def deepspeed_config(cfg: PretrainConfig, plan: Plan) -> dict[str, Any]:
+def deepspeed_config(cfg: PretrainConfig, plan: RunLayout) -> dict[str, Any]:
     on_gpu = cfg.on_gpu
     optimizer_params: dict[str, Any] = {
         "lr": cfg.optim.lr,
@@ -128,7 +128,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def build_engine(model: torch.nn.Module, cfg: PretrainConfig, plan: Plan) -> deepspeed.DeepSpeedEngine:
+def build_engine(model: torch.nn.Module, cfg: PretrainConfig, plan: RunLayout) -> deepspeed.DeepSpeedEngine:
     """Wrap ``model`` (built on CPU, fp32) in a DeepSpeed engine with optimizer and LR schedule."""
     if cfg.train.activation_checkpointing:
         model.set_grad_checkpointing(True)
