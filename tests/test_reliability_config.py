@@ -215,7 +215,7 @@ def test_data_that_cannot_work_is_rejected_by_preflight_naming_the_field(data_di
 
     sets = [s.format(**data_dirs) for s in sets] + [f"run.root=file://{tmp_path}/runs"]
     with pytest.raises(ConfigError) as raised:
-        train.preflight(load_config("tiny", sets))
+        train.check_before_launch(load_config("tiny", sets))
     assert any(re.search(names_the_field, p) for p in raised.value.problems), raised.value.problems
 
 
@@ -225,7 +225,7 @@ def test_a_bucket_that_does_not_exist_is_rejected_by_preflight(gcs_emulator, tmp
     missing = make_bucket().replace("gs://test-", "gs://absent-")  # same emulator, a name nobody created
     cfg = load_config("tiny", [f"data.train={missing}/train-{{000000..000003}}.tar", f"run.root=file://{tmp_path}"])
     with pytest.raises(ConfigError, match=r"data\.train: .*train-000000\.tar does not exist"):
-        train.preflight(cfg)
+        train.check_before_launch(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
