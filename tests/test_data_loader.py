@@ -14,7 +14,7 @@ import torch
 
 from pipeline import storage
 from pipeline.data import DataConfig, DataError, build_eval_loader, build_train_loader, check_data, normalize
-from pipeline.data import loader as loader_module
+from pipeline.data import batches as batches_module
 from pipeline.data.shards import ShardWriter, manifest_name
 from tests.fixtures.gcs import make_bucket
 
@@ -269,7 +269,7 @@ def test_strict_mode_raises_on_the_first_bad_sample(corrupt_set):
 
 
 def test_bad_fraction_over_threshold_raises_naming_the_shards(corrupt_set, monkeypatch):
-    monkeypatch.setattr(loader_module, "MIN_SAMPLES_FOR_BAD_FRACTION", 10)
+    monkeypatch.setattr(batches_module, "MIN_SAMPLES_FOR_BAD_FRACTION", 10)
     with pytest.raises(DataError, match=r"data.max_bad_fraction=0.01\); worst shards: file://.*train-00000\d.tar"):
         _drain_epoch0(DataConfig(train=corrupt_set, image_size=8, workers=0, max_bad_fraction=0.01))
 

@@ -218,7 +218,7 @@ def test_strict_mode_stops_at_the_first_bad_sample_and_names_its_shard(corrupt_s
             next(batches)
     url = re.search(r" in (\S+\.tar): ", str(raised.value)).group(1)
     assert url in bad
-    with pytest.raises(DataError, match=r"eval: bad sample \S+ in \S+\.tar"):
+    with pytest.raises(DataError, match=r"eval rank 0 worker \d: bad sample \S+ in \S+\.tar: .* \(strict evaluation\)"):
         list(build_eval_loader(manifest, image_size=8, batch_size=4, workers=WORKERS, strict=True).batches())
 
 

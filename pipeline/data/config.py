@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -35,6 +36,15 @@ def _check_data_url(url: str, field_name: str) -> str:
         raise ValueError(str(exc)) from None
 
 
+# The numeric fields' limits: (whether a value is valid, what the error says after "data.<field>").
+_LIMITS: dict[str, tuple[Callable[[float], bool], str]] = {
+    "image_size": (lambda v: v > 0, "must be a positive number of pixels (e.g. 224 or 32)"),
+    "workers": (lambda v: v >= 0, "is the number of DataLoader workers per rank: use 0 or more"),
+    "shuffle_buffer": (lambda v: v >= 0, "must be >= 0 (0 disables sample shuffling)"),
+    "max_bad_fraction": (lambda v: 0.0 <= v <= 1.0, "is a fraction of samples: use a value in [0, 1]"),
+}
+
+
 class DataConfig(pydantic.BaseModel, extra="forbid", frozen=False):
     """Where the training images come from and how they are turned into batches.
 
@@ -66,32 +76,12 @@ class DataConfig(pydantic.BaseModel, extra="forbid", frozen=False):
     def _eval_url(cls, value: str | None) -> str | None:
         return None if value is None else _check_data_url(value, "data.eval")
 
-    @pydantic.field_validator("image_size")
+    @pydantic.field_validator(*_LIMITS)
     @classmethod
-    def _image_size(cls, value: int) -> int:
-        if value <= 0:
-            raise ValueError(f"data.image_size must be a positive number of pixels (e.g. 224 or 32), got {value}")
-        return value
-
-    @pydantic.field_validator("workers")
-    @classmethod
-    def _workers(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"data.workers is the number of DataLoader workers per rank: use 0 or more, got {value}")
-        return value
-
-    @pydantic.field_validator("shuffle_buffer")
-    @classmethod
-    def _shuffle_buffer(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"data.shuffle_buffer must be >= 0 (0 disables sample shuffling), got {value}")
-        return value
-
-    @pydantic.field_validator("max_bad_fraction")
-    @classmethod
-    def _max_bad_fraction(cls, value: float) -> float:
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"data.max_bad_fraction is a fraction of samples: use a value in [0, 1], got {value}")
+    def _within_limits(cls, value: float, info: pydantic.ValidationInfo) -> float:
+        is_valid, what_to_do = _LIMITS[info.field_name]
+        if not is_valid(value):
+            raise ValueError(f"data.{info.field_name} {what_to_do}, got {value}")
         return value
 
     @pydantic.field_validator("crop_scale")

@@ -21,176 +21,22 @@ dropped; a batch may hold the last samples of epoch e and the first of epoch e +
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import logging
-import re
-import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline import storage
 from pipeline.data import shards as shardlib
-from pipeline.data.config import DataConfig, DataError, DataInfo, split_sources
-from pipeline.data.transforms import (
-    AUG_DRAWS,
-    EVAL_CROP_FRACTION,
-    DecodeError,
-    eval_transform,
-    to_chw_batch,
-    train_transform,
-)
-
-log = logging.getLogger("pipeline.data")
+from pipeline.data.batches import Batch, BatchBuilder, TrainLoaderBase
+from pipeline.data.config import DataConfig, DataError
+from pipeline.data.ray_engine import RayTrainLoader
+from pipeline.data.transforms import AUG_DRAWS, train_transform
 
 STATE_VERSION = 1
-# The bad-sample fraction is only judged once this many samples were seen (a few bad ones early are not a trend).
-MIN_SAMPLES_FOR_BAD_FRACTION = 200
-LOG_FIRST_BAD = 3
-LOG_INTERVAL_S = 30.0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Shard lists and pre-flight
-
-
-def _resolve(url: str) -> tuple[list[str], dict[str, Any] | None]:
-    """Shard URLs and the manifest (None for a brace pattern); several ``::``-joined sources are read as one."""
-    parts = split_sources(url)
-    sources = [_resolve_one(part) for part in parts]
-    if len(sources) == 1:
-        return sources[0]
-    urls = [u for source_urls, _ in sources for u in source_urls]
-    manifests = [manifest for _, manifest in sources]
-    if any(m is None for m in manifests):
-        return urls, None  # a brace pattern among them: nothing is known about the whole
-    first = manifests[0]
-    for part, m in zip(parts[1:], manifests[1:], strict=True):
-        if m["num_classes"] != first["num_classes"] or m.get("class_names") != first.get("class_names"):
-            raise DataError(
-                f"{part} has other classes ({m['num_classes']}: {m.get('class_names')}) than "
-                f"{parts[0]} ({first['num_classes']}: {first.get('class_names')}); only splits of "
-                "one dataset can be read as one"
-            )
-    counts = [m.get("class_counts") for m in manifests]
-    merged = {
-        **first,
-        "shard_urls": urls,
-        "num_samples": sum(m["num_samples"] for m in manifests),
-        "class_counts": [sum(c) for c in zip(*counts, strict=True)] if all(counts) else None,
-    }
-    return urls, merged
-
-
-def _resolve_one(url: str) -> tuple[list[str], dict[str, Any] | None]:
-    try:
-        if shardlib.is_manifest_url(url):
-            manifest = shardlib.read_manifest(url)
-            return manifest["shard_urls"], manifest
-        return shardlib.expand_urls(url), None
-    except storage.UnsupportedURLError as exc:
-        raise DataError(str(exc)) from exc
-
-
-def _check_shards_exist(urls: list[str], field_name: str) -> None:
-    """Every shard exists and is non-empty; one listing per directory rather than one request per shard."""
-    by_dir: dict[str, list[str]] = {}
-    for url in urls:
-        by_dir.setdefault(url.rsplit("/", 1)[0], []).append(url)
-    problems = []
-    for directory, members in by_dir.items():
-        fs, path = storage.filesystem(directory)
-        fs.invalidate_cache(path)  # a listing cached before the shards were written would hide them
-        try:
-            entries = fs.ls(path, detail=True)
-        except FileNotFoundError:
-            entries = []
-        listing = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry for entry in entries}
-        for url in members:
-            entry = listing.get(url.rsplit("/", 1)[-1])
-            if entry is None:
-                problems.append(f"{url} does not exist")
-            elif not entry.get("size"):
-                problems.append(f"{url} is empty")
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
-        raise DataError(f"{field_name}: {shown}. Check the URL pattern, or (re)write the shards with prepare_data.py")
-
-
-def _require_enough_shards(num_shards: int, world_size: int, workers: int, what: str) -> None:
-    streams = world_size * max(1, workers)
-    if num_shards < streams:
-        raise DataError(
-            f"{what} has {num_shards} shards but {world_size} ranks x {max(1, workers)} workers = {streams} readers "
-            f"each need at least one shard: write more, smaller shards (prepare_data.py --samples-per-shard), "
-            "or lower data.workers"
-        )
-
-
-@contextlib.contextmanager
-def _reaching(field_name: str, url: str) -> Iterator[None]:
-    """Turn a storage failure (unreachable endpoint, access denied...) into a DataError that names the field."""
-    try:
-        yield
-    except DataError as exc:
-        if re.match(rf"{re.escape(field_name)}\b", str(exc)):
-            raise
-        # e.g. "manifest ... does not exist": say which field pointed there (data.train or data.eval).
-        raise DataError(f"{field_name}: {exc}") from None
-    except Exception as exc:  # gcsfs, aiohttp and OS errors share no base class; a pre-flight reports them all
-        raise DataError(
-            f"{field_name}: cannot read {url} ({type(exc).__name__}: {str(exc)[:300]}); check that the storage is "
-            "reachable from here and that this job may read it"
-        ) from exc
-
-
-def check_data(cfg: DataConfig, *, world_size: int) -> DataInfo:
-    """Pre-flight, before any cluster work: manifests readable, shards present and non-empty, enough shards."""
-    if world_size < 1:
-        raise DataError(f"world_size must be >= 1, got {world_size}")
-    with _reaching("data.train", cfg.train):
-        urls, manifest = _resolve(cfg.train)
-        if not urls:
-            raise DataError(f"data.train: {cfg.train!r} names no shards")
-        _check_shards_exist(urls, "data.train")
-    _require_enough_shards(len(urls), world_size, cfg.workers, f"data.train ({cfg.train})")
-    if cfg.eval is not None:
-        with _reaching("data.eval", cfg.eval):
-            eval_urls, _ = _resolve(cfg.eval)
-            if not eval_urls:
-                raise DataError(f"data.eval: {cfg.eval!r} names no shards")
-            _check_shards_exist(eval_urls, "data.eval")
-    return DataInfo(
-        num_shards=len(urls),
-        num_samples=manifest["num_samples"] if manifest else None,
-        num_classes=manifest["num_classes"] if manifest else None,
-        class_names=manifest["class_names"] if manifest else None,
-        shard_urls=urls,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The worker side
-
-
-@dataclass
-class Batch:
-    """One batch and its bookkeeping. ``position`` is the stream's position after the last sample of the batch."""
-
-    images: torch.Tensor  # uint8 [B, 3, S, S]
-    labels: torch.Tensor  # int64 [B]
-    keys: list[str]
-    epochs: list[int]
-    stream: int
-    position: tuple[int, int, int]
-    bad_by_shard: dict[str, int] = field(default_factory=dict)
 
 
 def shard_plan(
@@ -222,82 +68,18 @@ def shuffle_buffer(items: Iterable[Any], size: int, rng: np.random.Generator) ->
         yield buffer.pop()
 
 
-def _record_problem(sample: shardlib.RawSample, num_classes: int | None) -> str | None:
-    """Why a sample is bad before its image is decoded (unreadable, or a label outside the manifest's classes), or
-    None. Training, evaluation and label-only reads judge samples alike: an unknown label is bad data, not a class."""
-    if sample.error is not None:
-        return sample.error
-    if num_classes is not None and sample.label >= num_classes:
-        return f"label {sample.label} >= num_classes {num_classes}"
-    return None
-
-
-def _decoded(
-    sample: shardlib.RawSample, num_classes: int | None, transform: Callable[[Any], torch.Tensor]
-) -> tuple[torch.Tensor | None, str | None]:
-    """The sample's image through ``transform``, or why the sample is bad (unreadable, label out of range, or not
-    an image)."""
-    error = _record_problem(sample, num_classes)
-    if error is not None:
-        return None, error
-    try:
-        return transform(sample.image), None
-    except DecodeError as exc:
-        return None, str(exc)
-
-
-class _BadSampleLog:
-    """Logs the first few bad samples of a stream, then one summary line per interval."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-        self.count = 0
-        self.last = 0.0
-        self.since_last = 0
-
-    def __call__(self, url: str, key: str, reason: str) -> None:
-        self.count += 1
-        self.since_last += 1
-        now = time.monotonic()
-        if self.count <= LOG_FIRST_BAD:
-            log.warning("%s: skipping bad sample %s in %s: %s", self.where, key, url, reason)
-            self.last, self.since_last = now, 0
-        elif now - self.last >= LOG_INTERVAL_S:
-            log.warning(
-                "%s: %d more bad samples skipped (%d in total); latest %s in %s: %s",
-                self.where,
-                self.since_last,
-                self.count,
-                key,
-                url,
-                reason,
-            )
-            self.last, self.since_last = now, 0
-
-
+@dataclass
 class TrainStreams(IterableDataset):
     """The per-worker sample streams of one rank; each DataLoader worker runs one stream and yields whole batches."""
 
-    def __init__(
-        self,
-        urls: list[str],
-        cfg: DataConfig,
-        *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        num_classes: int | None,
-        positions: list[tuple[int, int, int]],
-        first_stream: int,
-    ) -> None:
-        self.urls = urls
-        self.cfg = cfg
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.num_classes = num_classes
-        self.positions = positions
-        self.first_stream = first_stream
+    urls: list[str]
+    cfg: DataConfig
+    batch_size: int
+    rank: int
+    world_size: int
+    num_classes: int | None
+    positions: list[tuple[int, int, int]]
+    first_stream: int
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -310,12 +92,14 @@ class TrainStreams(IterableDataset):
         cfg = self.cfg
         epoch, start_shard, skip = self.positions[stream]
         where = f"rank {self.rank} stream {stream}"
-        report = _BadSampleLog(where)
-        images: list[torch.Tensor] = []
-        labels: list[int] = []
-        keys: list[str] = []
-        epochs: list[int] = []
-        bad: Counter[str] = Counter()
+        batch = BatchBuilder(
+            batch_size=self.batch_size,
+            image_size=cfg.image_size,
+            num_classes=self.num_classes,
+            stream=stream,
+            where=where,
+            strict="data.strict=true" if cfg.strict else None,
+        )
         while True:
             plan = shard_plan(
                 len(self.urls),
@@ -340,33 +124,13 @@ class TrainStreams(IterableDataset):
                     uniforms = aug_rng.random(AUG_DRAWS)
                     if i < skip:
                         continue  # taken before the restore: not decoded, not counted again
-                    image, error = _decoded(
-                        sample,
-                        self.num_classes,
-                        partial(train_transform, size=cfg.image_size, u=uniforms, scale=cfg.crop_scale, flip=cfg.flip),
+                    augment = partial(
+                        train_transform, size=cfg.image_size, u=uniforms, scale=cfg.crop_scale, flip=cfg.flip
                     )
-                    if error is not None:
-                        if cfg.strict:
-                            raise DataError(f"{where}: bad sample {sample.key} in {url}: {error} (data.strict=true)")
-                        bad[url] += 1
-                        report(url, sample.key, error)
-                        continue
-                    good_in_epoch += 1
-                    images.append(image)
-                    labels.append(sample.label)
-                    keys.append(sample.key)
-                    epochs.append(epoch)
-                    if len(images) == self.batch_size:
-                        yield Batch(
-                            images=to_chw_batch(images),
-                            labels=torch.tensor(labels, dtype=torch.int64),
-                            keys=keys,
-                            epochs=epochs,
-                            stream=stream,
-                            position=(epoch, shard_pos, i + 1),
-                            bad_by_shard=dict(bad),
-                        )
-                        images, labels, keys, epochs, bad = [], [], [], [], Counter()
+                    if batch.add(url, sample, augment, epoch):
+                        good_in_epoch += 1
+                        if batch.full:
+                            yield batch.take(position=(epoch, shard_pos, i + 1))
                 if readable == 0:
                     raise DataError(f"{where}: shard {url} has no readable samples (empty, truncated or not a tar)")
                 skip = 0
@@ -379,11 +143,7 @@ class TrainStreams(IterableDataset):
 # The main-process side
 
 
-def _fingerprint(urls: list[str]) -> str:
-    return hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
-
-
-class TrainLoader:
+class TrainLoader(TrainLoaderBase):
     """Iterating yields (images uint8 [B, 3, S, S], labels int64 [B]) forever, epoch after epoch.
 
     ``state_dict()`` after any batch, passed back as ``state=`` (or to ``load_state_dict``), makes a new loader
@@ -393,35 +153,18 @@ class TrainLoader:
     def __init__(
         self, cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, state: dict[str, Any] | None = None
     ) -> None:
-        if batch_size <= 0:
-            raise DataError(f"batch_size must be positive, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        self.cfg = cfg
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.urls, manifest = _resolve(cfg.train)
-        if not self.urls:
-            raise DataError(f"data.train: {cfg.train!r} names no shards")
-        _require_enough_shards(len(self.urls), world_size, cfg.workers, f"data.train ({cfg.train})")
-        self.num_classes: int | None = manifest["num_classes"] if manifest else None
-        self.class_names: list[str] | None = manifest["class_names"] if manifest else None
-        # Average per rank; a rank's exact share varies by epoch with the shards it draws.
-        self.samples_per_epoch: int | None = manifest["num_samples"] // world_size if manifest else None
+        super().__init__(cfg, batch_size=batch_size, rank=rank, world_size=world_size, readers=cfg.workers)
         self.streams = max(1, cfg.workers)
         self._positions: list[tuple[int, int, int]] = [(0, 0, 0)] * self.streams
         self._next_stream = 0
-        self._stats: dict[str, Any] = {"samples": 0, "bad_samples": 0, "bad_by_shard": {}, "epoch": 0, "batches": 0}
         if state is not None:
             self.load_state_dict(state)
 
     # -- state ----------------------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
+    def _setup(self) -> dict[str, Any]:
+        """What the sample order depends on: a saved position holds only under the same setup."""
         return {
-            "engine": "webdataset",
-            "version": STATE_VERSION,
             "seed": self.cfg.seed,
             "resampled": self.cfg.resampled,
             "rank": self.rank,
@@ -429,10 +172,17 @@ class TrainLoader:
             "streams": self.streams,
             "batch_size": self.batch_size,
             "num_shards": len(self.urls),
-            "shards_fingerprint": _fingerprint(self.urls),
+            "shards_fingerprint": hashlib.sha256("\n".join(self.urls).encode()).hexdigest()[:16],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "engine": "webdataset",
+            "version": STATE_VERSION,
+            **self._setup(),
             "positions": [list(p) for p in self._positions],  # per stream: [epoch, shards done, samples taken]
             "next_stream": self._next_stream,
-            "stats": {**self._stats, "bad_by_shard": dict(self._stats["bad_by_shard"])},
+            "stats": self._counters.snapshot(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -441,17 +191,7 @@ class TrainLoader:
                 f"loader state is not a webdataset-engine state of version {STATE_VERSION}: "
                 f"engine={state.get('engine')!r} version={state.get('version')!r}"
             )
-        expected = {
-            "seed": self.cfg.seed,
-            "resampled": self.cfg.resampled,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "streams": self.streams,
-            "batch_size": self.batch_size,
-            "num_shards": len(self.urls),
-            "shards_fingerprint": _fingerprint(self.urls),
-        }
-        changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        changed = {k: (state.get(k), v) for k, v in self._setup().items() if state.get(k) != v}
         if changed:
             detail = ", ".join(f"{k}: saved {old!r} now {new!r}" for k, (old, new) in changed.items())
             raise DataError(
@@ -460,16 +200,11 @@ class TrainLoader:
             )
         self._positions = [tuple(p) for p in state["positions"]]  # type: ignore[misc]
         self._next_stream = int(state["next_stream"])
-        stats = state.get("stats", {})
-        self._stats = {**self._stats, **stats, "bad_by_shard": dict(stats.get("bad_by_shard", {}))}
+        self._counters.restore(state.get("stats", {}))
 
     # -- iteration ------------------------------------------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
-        return {**self._stats, "bad_by_shard": dict(self._stats["bad_by_shard"])}
-
     def batches(self) -> Iterator[Batch]:
-        """Batches with their keys and epochs (what ``__iter__`` yields, plus bookkeeping)."""
         dataset = TrainStreams(
             self.urls,
             self.cfg,
@@ -492,238 +227,14 @@ class TrainLoader:
                 raise RuntimeError(f"batch from stream {batch.stream}, expected stream {self._next_stream}")
             self._positions[batch.stream] = batch.position
             self._next_stream = (batch.stream + 1) % self.streams
-            self._account(batch)
+            self._counters.add(batch)
             yield batch
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in self.batches():
-            yield batch.images, batch.labels
-
-    def _account(self, batch: Batch) -> None:
-        account_batch(self._stats, batch, self.cfg.max_bad_fraction)
-
-
-def account_batch(stats: dict[str, Any], batch: Batch, max_bad_fraction: float) -> None:
-    """Add a delivered batch to the run's counters; raise once the bad fraction is over the threshold."""
-    stats["samples"] += len(batch.keys)
-    stats["batches"] += 1
-    stats["epoch"] = batch.epochs[-1]
-    for url, count in batch.bad_by_shard.items():
-        stats["bad_samples"] += count
-        stats["bad_by_shard"][url] = stats["bad_by_shard"].get(url, 0) + count
-    seen = stats["samples"] + stats["bad_samples"]
-    if seen >= MIN_SAMPLES_FOR_BAD_FRACTION and stats["bad_samples"] > max_bad_fraction * seen:
-        worst = sorted(stats["bad_by_shard"].items(), key=lambda kv: -kv[1])[:10]
-        raise DataError(
-            f"{stats['bad_samples']} of {seen} samples were bad ({stats['bad_samples'] / seen:.1%} > "
-            f"data.max_bad_fraction={max_bad_fraction}); worst shards: "
-            + ", ".join(f"{url} ({n})" for url, n in worst)
-            + ". Rewrite or drop those shards, or raise data.max_bad_fraction"
-        )
 
 
 def build_train_loader(
     cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, state: dict[str, Any] | None = None
-) -> Any:
+) -> TrainLoader | RayTrainLoader:
     """The training loader of this rank: a ``TrainLoader`` (engine "webdataset") or a ``RayTrainLoader`` ("ray")."""
     if cfg.engine == "ray":
-        from pipeline.data.ray_engine import RayTrainLoader
-
         return RayTrainLoader(cfg, batch_size=batch_size, rank=rank, world_size=world_size, state=state)
     return TrainLoader(cfg, batch_size=batch_size, rank=rank, world_size=world_size, state=state)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation
-
-
-class EvalStreams(IterableDataset):
-    """One deterministic pass: worker w reads shards w, w + W, ...; rank r keeps sample j of shard k when
-    (k + j) % world_size == r, so every sample is evaluated exactly once and ranks differ by at most a few."""
-
-    def __init__(
-        self,
-        urls: list[str],
-        *,
-        image_size: int,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        crop_fraction: float | None,
-        strict: bool,
-        num_classes: int | None = None,
-        only_keys: frozenset[str] | None = None,
-    ) -> None:
-        self.urls = urls
-        self.num_classes = num_classes
-        self.only_keys = only_keys
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.crop_fraction = crop_fraction
-        self.strict = strict
-
-    def __iter__(self) -> Iterator[Batch]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        report = _BadSampleLog(f"eval rank {self.rank} worker {worker}")
-        images: list[torch.Tensor] = []
-        labels: list[int] = []
-        keys: list[str] = []
-        bad: Counter[str] = Counter()
-
-        def emit() -> Batch:
-            # An empty batch only carries the bad-sample counts of the pass's tail (EvalLoader does not yield it).
-            pixels = (
-                to_chw_batch(images)
-                if images
-                else torch.empty((0, 3, self.image_size, self.image_size), dtype=torch.uint8)
-            )
-            return Batch(
-                pixels,
-                torch.tensor(labels, dtype=torch.int64),
-                keys,
-                [0] * len(keys),
-                worker,
-                (0, 0, 0),
-                dict(bad),
-            )
-
-        for k in range(worker, len(self.urls), workers):
-            url = self.urls[k]
-            for j, sample in enumerate(shardlib.iter_shard(url)):
-                if (k + j) % self.world_size != self.rank:
-                    continue
-                if self.only_keys is not None and sample.key not in self.only_keys:
-                    continue  # not asked for: not decoded, not judged
-                image, error = _decoded(
-                    sample,
-                    self.num_classes,
-                    lambda data: eval_transform(data, self.image_size, crop_fraction=self.crop_fraction),
-                )
-                if error is not None:
-                    if self.strict:
-                        raise DataError(f"eval: bad sample {sample.key} in {url}: {error}")
-                    bad[url] += 1
-                    report(url, sample.key, error)
-                    continue
-                images.append(image)
-                labels.append(sample.label)
-                keys.append(sample.key)
-                if len(images) == self.batch_size:
-                    yield emit()
-                    images, labels, keys, bad = [], [], [], Counter()
-        if images or bad:  # bad samples after the last full batch must be counted too
-            yield emit()
-
-
-class EvalLoader:
-    """Iterable of (images uint8 [B, 3, S, S], labels int64 [B]); each iteration is one full deterministic pass."""
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        image_size: int,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        workers: int,
-        crop_fraction: float | None,
-        strict: bool,
-        only_keys: frozenset[str] | None = None,
-    ) -> None:
-        if batch_size <= 0 or image_size <= 0:
-            raise DataError(f"batch_size and image_size must be positive, got {batch_size} and {image_size}")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        self.urls, manifest = _resolve(url)
-        if not self.urls:
-            raise DataError(f"eval data {url!r} names no shards")
-        self.num_samples: int | None = manifest["num_samples"] if manifest else None
-        self.num_classes: int | None = manifest["num_classes"] if manifest else None
-        self.class_names: list[str] | None = manifest["class_names"] if manifest else None
-        self.bad_by_shard: dict[str, int] = {}
-        self._dataset = EvalStreams(
-            self.urls,
-            image_size=image_size,
-            batch_size=batch_size,
-            rank=rank,
-            world_size=world_size,
-            crop_fraction=crop_fraction,
-            strict=strict,
-            num_classes=self.num_classes,
-            only_keys=only_keys,
-        )
-        self._workers = workers
-
-    def batches(self) -> Iterator[Batch]:
-        loader = DataLoader(self._dataset, batch_size=None, num_workers=self._workers)
-        for batch in loader:
-            for url, count in batch.bad_by_shard.items():
-                self.bad_by_shard[url] = self.bad_by_shard.get(url, 0) + count
-            if batch.keys:
-                yield batch
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in self.batches():
-            yield batch.images, batch.labels
-
-
-def build_eval_loader(
-    url: str,
-    *,
-    image_size: int,
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    workers: int = 0,
-    crop_fraction: float | None = EVAL_CROP_FRACTION,
-    strict: bool = False,
-    only_keys: Iterable[str] | None = None,
-) -> EvalLoader:
-    """One pass over ``url`` (pattern or manifest), resize + centre crop, every sample exactly once across ranks.
-
-    ``only_keys``: decode and yield just these samples (e.g. the few shots drawn from a large training split);
-    the others are read past without being decoded."""
-    return EvalLoader(
-        url,
-        image_size=image_size,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        workers=workers,
-        crop_fraction=crop_fraction,
-        strict=strict,
-        only_keys=None if only_keys is None else frozenset(only_keys),
-    )
-
-
-@dataclass(frozen=True)
-class SplitLabels:
-    """A split's samples in stored order, read without decoding an image (see `read_labels`)."""
-
-    keys: list[str]
-    labels: np.ndarray  # int64, one per key
-    shards: list[str]  # the shard URL holding each key
-    bad_by_shard: dict[str, int]  # unreadable samples (and labels outside the classes) left out, per shard
-
-
-def read_labels(url: str) -> SplitLabels:
-    """Keys, labels and shards of a split's samples, without decoding an image: what drawing few-shot examples
-    needs before any image is touched. Unreadable samples and labels outside the manifest's classes are left out
-    and counted; images themselves are only checked when decoded."""
-    urls, manifest = _resolve(url)
-    num_classes = manifest["num_classes"] if manifest else None
-    keys, labels, where = [], [], []
-    bad: Counter[str] = Counter()
-    for shard in urls:
-        for sample in shardlib.iter_shard(shard):
-            if _record_problem(sample, num_classes) is None:
-                keys.append(sample.key)
-                labels.append(sample.label)
-                where.append(shard)
-            else:
-                bad[shard] += 1
-    return SplitLabels(keys, np.asarray(labels, dtype=np.int64), where, dict(bad))

@@ -144,31 +144,31 @@ def write_split(source: Source, split: str, opts: PrepareOptions) -> dict[str, A
             previous = None
         storage.remove(manifest_url)  # the set is incomplete from here until the new manifest is written
 
-    writer = shards.ShardWriter(
+    with shards.ShardWriter(
         out, split, max_bytes=opts.shard_size, max_samples=opts.samples_per_shard, previous=previous
-    )
-    sizes: list[tuple[int, int]] = []
-    sums, sq_sums, pixels = np.zeros(3), np.zeros(3), 0
-    skipped: list[dict[str, str]] = []
-    class_counts = [0] * len(class_names)
-    for i in order:
-        sample = samples[i]
-        try:
-            data, height, width = encode_image(sample.load())
-        except (OSError, ValueError) as exc:
-            log.warning("skipping %s: unreadable source image (%s)", sample.key, exc)
-            skipped.append({"key": sample.key, "reason": str(exc)[:200]})
-            continue
-        if len(sizes) < STATS_IMAGES:
-            with Image.open(io.BytesIO(data)) as im:
-                rgb = np.asarray(im.convert("RGB"), dtype=np.float64).reshape(-1, 3)
-            sums += rgb.sum(0)
-            sq_sums += (rgb**2).sum(0)
-            pixels += rgb.shape[0]
-        sizes.append((height, width))
-        class_counts[sample.label] += 1
-        writer.write(sample.key, data, sample.label)
-    records = writer.close()
+    ) as writer:
+        sizes: list[tuple[int, int]] = []
+        sums, sq_sums, pixels = np.zeros(3), np.zeros(3), 0
+        skipped: list[dict[str, str]] = []
+        class_counts = [0] * len(class_names)
+        for i in order:
+            sample = samples[i]
+            try:
+                data, height, width = encode_image(sample.load())
+            except (OSError, ValueError) as exc:
+                log.warning("skipping %s: unreadable source image (%s)", sample.key, exc)
+                skipped.append({"key": sample.key, "reason": str(exc)[:200]})
+                continue
+            if len(sizes) < STATS_IMAGES:
+                with Image.open(io.BytesIO(data)) as im:
+                    rgb = np.asarray(im.convert("RGB"), dtype=np.float64).reshape(-1, 3)
+                sums += rgb.sum(0)
+                sq_sums += (rgb**2).sum(0)
+                pixels += rgb.shape[0]
+            sizes.append((height, width))
+            class_counts[sample.label] += 1
+            writer.write(sample.key, data, sample.label)
+        records = writer.close()
     if not records:
         raise ValueError(f"split {split!r} of {source.name}: every source image was unreadable")
 

@@ -35,8 +35,9 @@ import torch
 
 from pipeline import storage
 from pipeline.data import shards as shardlib
+from pipeline.data.batches import BadSampleLog, Batch, TrainLoaderBase
 from pipeline.data.config import DataConfig, DataError
-from pipeline.data.loader import Batch, _BadSampleLog, _resolve, account_batch
+from pipeline.data.shardsets import resolve
 from pipeline.data.transforms import AUG_DRAWS, DecodeError, eval_transform, train_transform
 
 log = logging.getLogger("pipeline.data")
@@ -48,12 +49,11 @@ DECODE_BATCH_ROWS = 64
 def _label_of(raw: Any, num_classes: int | None) -> tuple[int, str]:
     """(label, error); error is "" for a good label."""
     if not isinstance(raw, bytes | bytearray | memoryview):  # a missing member arrives as None or NaN
-        return -1, "missing label (.cls)"
-    try:
-        label = int(bytes(raw).decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        return -1, f"label is not an integer: {bytes(raw)[:20]!r}"
-    if label < 0 or (num_classes is not None and label >= num_classes):
+        raw = None
+    label, error = shardlib.parse_label(raw)
+    if error is not None:
+        return -1, error
+    if num_classes is not None and label >= num_classes:
         return -1, f"label {label} out of range"
     return label, ""
 
@@ -106,7 +106,7 @@ def build_ray_dataset(cfg: DataConfig, *, url: str | None = None, train: bool = 
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     url = url or cfg.train
-    urls, manifest = _resolve(url)
+    urls, manifest = resolve(url)
     if not urls:
         raise DataError(f"{url!r} names no shards")
     schemes = {storage.scheme_of(u) for u in urls}
@@ -141,7 +141,7 @@ def ray_datasets(cfg: DataConfig) -> dict[str, Any]:
     return {"train": build_ray_dataset(cfg)}
 
 
-class RayTrainLoader:
+class RayTrainLoader(TrainLoaderBase):
     """Iterates this rank's Ray Data shard: (images uint8 [B, 3, S, S], labels int64 [B]) forever, epoch after epoch.
 
     ``dataset_shard`` defaults to ``ray.train.get_dataset_shard("train")`` (inside a Ray Train worker).
@@ -157,22 +157,10 @@ class RayTrainLoader:
         state: dict[str, Any] | None = None,
         dataset_shard: Any = None,
     ) -> None:
-        if batch_size <= 0:
-            raise DataError(f"batch_size must be positive, got {batch_size}")
-        self.cfg = cfg
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        urls, manifest = _resolve(cfg.train)
-        if len(urls) < world_size:
-            raise DataError(
-                f"data.train has {len(urls)} shards for {world_size} ranks: write more, smaller shards "
-                "(prepare_data.py --samples-per-shard)"
-            )
-        self.samples_per_epoch: int | None = manifest["num_samples"] // world_size if manifest else None
+        # Ray Data's read tasks, not this rank's workers, read the shards: one share of them per rank.
+        super().__init__(cfg, batch_size=batch_size, rank=rank, world_size=world_size, readers=1)
         self._shard = dataset_shard
         self._epoch = 0
-        self._stats: dict[str, Any] = {"samples": 0, "bad_samples": 0, "bad_by_shard": {}, "epoch": 0, "batches": 0}
         if state is not None:
             self.load_state_dict(state)
 
@@ -180,8 +168,8 @@ class RayTrainLoader:
         return {
             "engine": "ray",
             "version": STATE_VERSION,
-            "epoch": self._stats["epoch"],
-            "stats": {**self._stats, "bad_by_shard": dict(self._stats["bad_by_shard"])},
+            "epoch": self._counters.values["epoch"],
+            "stats": self._counters.snapshot(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -190,11 +178,7 @@ class RayTrainLoader:
                 f"loader state is not a ray-engine state of version {STATE_VERSION}: {state.get('engine')!r}"
             )
         self._epoch = int(state["epoch"])
-        stats = state.get("stats", {})
-        self._stats = {**self._stats, **stats, "bad_by_shard": dict(stats.get("bad_by_shard", {}))}
-
-    def stats(self) -> dict[str, Any]:
-        return {**self._stats, "bad_by_shard": dict(self._stats["bad_by_shard"])}
+        self._counters.restore(state.get("stats", {}))
 
     def _dataset_shard(self) -> Any:
         if self._shard is None:
@@ -207,7 +191,7 @@ class RayTrainLoader:
 
     def batches(self) -> Iterator[Batch]:
         shard = self._dataset_shard()
-        report = _BadSampleLog(f"rank {self.rank} (ray)")
+        report = BadSampleLog(f"rank {self.rank} (ray)")
         images: list[np.ndarray] = []
         labels: list[int] = []
         keys: list[str] = []
@@ -252,15 +236,8 @@ class RayTrainLoader:
                             bad_by_shard=bad,
                         )
                         images, labels, keys, epochs, bad = [], [], [], [], {}
-                        self._account(batch)
+                        self._counters.add(batch)
                         yield batch
             if good_in_epoch == 0:
                 raise DataError(f"rank {self.rank}: epoch {epoch} of the Ray dataset yielded no samples")
             self._epoch = epoch + 1
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in self.batches():
-            yield batch.images, batch.labels
-
-    def _account(self, batch: Batch) -> None:
-        account_batch(self._stats, batch, self.cfg.max_bad_fraction)

@@ -1,8 +1,9 @@
 """WebDataset shard sets: naming, the manifest, writing whole shards, and reading samples back with corruption checks.
 
 A shard set is ``<split>-000000.tar, <split>-000001.tar, ...`` plus ``<split>.manifest.json`` in one directory.
-Each sample is two tar members sharing a key: ``<key>.jpg`` (the encoded image) and ``<key>.cls`` (the integer
-label as ASCII). The tars are plain WebDataset shards: ``webdataset.WebDataset(url)`` reads them too.
+Each sample is two tar members sharing a key: ``<key>.cls`` (the integer label as ASCII) and ``<key>.jpg`` (the
+encoded image). The tars are plain WebDataset shards, written with ``webdataset.ShardWriter`` and grouped into
+samples on reading with ``webdataset``'s own key grouping: ``webdataset.WebDataset(url)`` reads them too.
 
 The manifest is written after the last shard and is the completion marker of the set: a reader that finds it
 knows every shard it lists is complete, with the listed size and hash.
@@ -11,16 +12,17 @@ knows every shard it lists is complete, with the listed size and hash.
 from __future__ import annotations
 
 import hashlib
-import io
-import posixpath
+import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import braceexpand
+import webdataset
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from pipeline import storage
 from pipeline.data.config import DataError
@@ -70,19 +72,21 @@ def expand_urls(pattern: str) -> list[str]:
     return [storage.check_url(url, field="shards") for url in braceexpand.braceexpand(pattern)]
 
 
+def parse_label(raw: bytes | None) -> tuple[int | None, str | None]:
+    """(label, None) from a ``.cls`` member, or (None, why it is not a label)."""
+    if raw is None:
+        return None, "missing label (.cls)"
+    try:
+        label = int(bytes(raw).decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        return None, f"label is not an integer: {bytes(raw)[:20]!r}"
+    if label < 0:
+        return None, f"negative label {label}"
+    return label, None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
-
-
-def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
-    # Fixed metadata so that converting the same data twice gives byte-identical shards.
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info, io.BytesIO(data)
 
 
 @dataclass
@@ -96,8 +100,10 @@ class ShardRecord:
 class ShardWriter:
     """Writes samples into ``<split>-NNNNNN.tar`` shards under ``out_url``, each built locally and uploaded whole.
 
-    A shard is closed when it reaches ``max_bytes`` or ``max_samples``. Shards whose bytes equal those of an
-    existing object recorded in ``previous`` (the manifest of an earlier run) are not uploaded again.
+    ``webdataset.ShardWriter`` fills the shards: one is closed once its samples hold ``max_bytes`` of data or it
+    has ``max_samples`` samples. Each closed shard is hashed and uploaded in one call, so a reader never sees a
+    partly uploaded shard; one whose bytes equal those of an existing object recorded in ``previous`` (the
+    manifest of an earlier run) is not uploaded again.
     """
 
     def __init__(
@@ -111,17 +117,27 @@ class ShardWriter:
     ) -> None:
         self.out_url = storage.check_url(out_url, field="--out")
         self.split = split
-        self.max_bytes = max_bytes
-        self.max_samples = max_samples
         self.records: list[ShardRecord] = []
         self.uploaded = 0
         self.skipped = 0
         self._previous = {s["name"]: s for s in (previous or {}).get("shards", [])}
         self._tmpdir = tempfile.TemporaryDirectory(prefix="shards-")
-        self._tar: tarfile.TarFile | None = None
-        self._path: Path | None = None
-        self._count = 0
+        self._file: IO[bytes] | None = None
+        self._count = 0  # samples in the shard being written
         self._keys: set[str] = set()
+        self._shards = webdataset.ShardWriter(
+            f"{self._tmpdir.name}/{split}-%06d.tar",
+            maxcount=max_samples or sys.maxsize,
+            maxsize=max_bytes,
+            post=self._finish_shard,
+            opener=self._open_local,
+            verbose=0,
+            # Fixed metadata, so that converting the same data twice gives byte-identical shards.
+            mtime=0,
+            user="",
+            group="",
+            mode=0o644,
+        )
 
     def write(self, key: str, image: bytes, label: int) -> None:
         if "." in key or "/" in key:
@@ -129,49 +145,55 @@ class ShardWriter:
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r}")
         self._keys.add(key)
-        if self._tar is None:
-            self._open()
-        assert self._tar is not None and self._path is not None
-        for ext, data in ((IMAGE_EXT, image), (LABEL_EXT, str(int(label)).encode())):
-            self._tar.addfile(*_tar_member(f"{key}.{ext}", data))
+        self._shards.write({"__key__": key, IMAGE_EXT: image, LABEL_EXT: int(label)})
         self._count += 1
-        # The tar's size on disk so far (headers + padded data); close before the limit would be passed.
-        if self._tar.offset >= self.max_bytes or (self.max_samples and self._count >= self.max_samples):
-            self._close_shard()
 
-    def _open(self) -> None:
-        name = shard_name(self.split, len(self.records))
-        self._path = Path(self._tmpdir.name) / name
-        # Kept open across write() calls and closed in _close_shard(), so no context manager here.
-        self._tar = tarfile.open(self._path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
-        self._count = 0
+    def _open_local(self, path: str) -> IO[bytes]:
+        # Kept open across write() calls and closed in _finish_shard(), so no context manager here.
+        self._file = open(path, "wb")  # noqa: SIM115
+        return self._file
 
-    def _close_shard(self) -> None:
-        assert self._tar is not None and self._path is not None
-        self._tar.close()
-        data = self._path.read_bytes()
-        record = ShardRecord(self._path.name, self._count, len(data), hashlib.sha256(data).hexdigest())
+    def _finish_shard(self, path_name: str) -> None:
+        assert self._file is not None
+        self._file.close()  # webdataset's TarWriter leaves a file it was handed open
+        path = Path(path_name)
+        count, self._count = self._count, 0
+        if count == 0:  # webdataset opens the first shard before any sample arrives
+            path.unlink()
+            return
+        data = path.read_bytes()
+        record = ShardRecord(path.name, count, len(data), hashlib.sha256(data).hexdigest())
         url = storage.join(self.out_url, record.name)
         before = self._previous.get(record.name)
         if before and before["sha256"] == record.sha256 and storage.exists(url) and storage.size(url) == record.bytes:
             self.skipped += 1
         else:
             # One call with a finished file: a reader never sees a partly uploaded shard.
-            storage.put_file(self._path, url)
+            storage.put_file(path, url)
             self.uploaded += 1
-        self._path.unlink()
+        path.unlink()
         self.records.append(record)
-        self._tar = None
-        self._path = None
 
     def close(self) -> list[ShardRecord]:
-        if self._tar is not None and self._count > 0:
-            self._close_shard()
-        elif self._tar is not None:
-            self._tar.close()
-            self._tar = None
+        """Finish and upload the last shard; the records of all shards, in order."""
+        self._shards.close()
         self._tmpdir.cleanup()
         return self.records
+
+    def discard(self) -> None:
+        """Drop the shard being written, without uploading it (the shards before it are complete and stay)."""
+        self._shards.post = None
+        self._shards.close()
+        if self._file is not None:
+            self._file.close()
+        self._tmpdir.cleanup()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None:  # an interrupted conversion: its last shard is incomplete
+            self.discard()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,28 +210,21 @@ class RawSample:
     error: str | None = None
 
 
-def _split_name(name: str) -> tuple[str, str]:
-    # WebDataset convention: the key is everything before the first dot of the file name.
-    directory, base = posixpath.split(name)
-    stem, _, ext = base.partition(".")
-    return posixpath.join(directory, stem), ext.lower()
+DUPLICATE = "duplicate key (already seen in this shard)"
 
 
-def _finish(key: str, members: dict[str, bytes], duplicate: bool) -> RawSample:
+def _raw_sample(sample: dict[str, Any], duplicate: bool) -> RawSample:
+    """A sample as ``group_by_keys`` gives it ({"__key__": ..., "<ext>": bytes}) checked and unpacked."""
+    key = sample["__key__"]
     if duplicate:
-        return RawSample(key, error="duplicate key (already seen in this shard)")
-    image = members.get(IMAGE_EXT) or members.get("jpeg") or members.get("png")
+        return RawSample(key, error=DUPLICATE)
+    image = sample.get(IMAGE_EXT) or sample.get("jpeg") or sample.get("png")
     if image is None:
-        return RawSample(key, error=f"no image member (.jpg/.jpeg/.png) among {sorted(members)}")
-    raw_label = members.get(LABEL_EXT)
-    if raw_label is None:
-        return RawSample(key, error="missing label (.cls)")
-    try:
-        label = int(raw_label.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        return RawSample(key, error=f"label is not an integer: {raw_label[:20]!r}")
-    if label < 0:
-        return RawSample(key, error=f"negative label {label}")
+        members = sorted(k for k in sample if not k.startswith("__"))
+        return RawSample(key, error=f"no image member (.jpg/.jpeg/.png) among {members}")
+    label, error = parse_label(sample.get(LABEL_EXT))
+    if error is not None:
+        return RawSample(key, error=error)
     return RawSample(key, image=image, label=label)
 
 
@@ -230,6 +245,47 @@ class _EndCheckedTarInfo(tarfile.TarInfo):
             raise
 
 
+class _ShardReader:
+    """The members of one tar, fed to ``webdataset``'s ``group_by_keys``, and what went wrong on the way."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.grouping: str | None = None  # key of the sample ``group_by_keys`` holds (the last member passed on)
+        self.reading: str | None = None  # key of the member being read (its header is parsed)
+        self.duplicates: set[str] = set()
+
+    def members(self, stream: IO[bytes]) -> Iterator[dict[str, Any]]:
+        """The regular members in stored order, as ``tariterators.tar_file_iterator`` yields them; raises
+        ``tarfile.ReadError`` where the archive is cut or damaged."""
+        # Not tar_file_iterator: it opens the tar itself, so a cut at a member boundary would end it quietly.
+        with tarfile.open(fileobj=stream, mode="r|", tarinfo=_EndCheckedTarInfo) as tar:
+            for info in tar:
+                key = base_plus_ext(info.name)[0]
+                if not info.isfile() or key is None:  # a name without an extension is no sample's (webdataset)
+                    continue
+                self.reading = key
+                try:
+                    extracted = tar.extractfile(info)
+                    data = extracted.read() if extracted is not None else b""
+                    if len(data) != info.size:
+                        raise tarfile.ReadError(f"member {info.name} is truncated")
+                except (tarfile.TarError, EOFError):
+                    if self.reading != self.grouping:
+                        yield {}  # webdataset's end-of-shard marker: the sample before this one is whole
+                    raise
+                self.grouping = self.reading
+                yield {"fname": info.name, "data": data, "__url__": self.url}
+            if not getattr(tar, "vitpipe_end_of_archive", False):
+                raise tarfile.ReadError("archive ends without its end-of-archive block (truncated or damaged)")
+
+    def on_group_error(self, exc: Exception) -> bool:
+        """``group_by_keys``'s handler: a member name repeated within a sample makes that sample a duplicate."""
+        if not isinstance(exc, ValueError) or self.grouping is None:
+            return False
+        self.duplicates.add(self.grouping)
+        return True
+
+
 def iter_shard(url: str) -> Iterator[RawSample]:
     """Samples of one tar shard in stored order; broken ones come back with ``error`` set, never raised.
 
@@ -239,37 +295,16 @@ def iter_shard(url: str) -> Iterator[RawSample]:
     storage client's retries) ``storage.StorageError``. Members other than the image and the label (e.g.
     ``.json`` metadata) are ignored. Nothing is unpickled.
     """
+    reader = _ShardReader(url)
     seen: set[str] = set()
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    duplicate = False
     try:
-        with (
-            storage.open_read(url, streaming=True) as f,
-            tarfile.open(fileobj=f, mode="r|", tarinfo=_EndCheckedTarInfo) as tar,
-        ):
-            for info in tar:
-                if not info.isfile():
-                    continue
-                member_key, ext = _split_name(info.name)
-                if member_key != key:
-                    if key is not None:
-                        yield _finish(key, members, duplicate)
-                    duplicate = member_key in seen
-                    seen.add(member_key)
-                    key, members = member_key, {}
-                extracted = tar.extractfile(info)
-                data = extracted.read() if extracted is not None else b""
-                if len(data) != info.size:
-                    raise tarfile.ReadError(f"member {info.name} is truncated")
-                if ext in members:
-                    duplicate = True
-                members[ext] = data
-            if not getattr(tar, "vitpipe_end_of_archive", False):
-                raise tarfile.ReadError("archive ends without its end-of-archive block (truncated or damaged)")
+        with storage.open_read(url, streaming=True) as f:
+            for sample in group_by_keys(reader.members(f), handler=reader.on_group_error):
+                key = sample["__key__"]
+                yield _raw_sample(sample, duplicate=key in seen or key in reader.duplicates)
+                seen.add(key)
     except (tarfile.TarError, EOFError) as exc:
-        yield RawSample(key or "<tar>", error=f"unreadable tar ({type(exc).__name__}: {exc})")
-        return
+        yield RawSample(reader.reading or "<tar>", error=f"unreadable tar ({type(exc).__name__}: {exc})")
     except FileNotFoundError as exc:
         raise DataError(f"shard {url} does not exist (any more): {exc}") from exc
     except Exception as exc:
@@ -278,5 +313,3 @@ def iter_shard(url: str) -> Iterator[RawSample]:
         raise storage.StorageError(
             f"reading shard {url} failed ({type(exc).__name__}: {str(exc)[:300]}); no sample of it was skipped"
         ) from exc
-    if key is not None:
-        yield _finish(key, members, duplicate)

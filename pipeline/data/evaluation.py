@@ -1,0 +1,151 @@
+"""Evaluation and label-only reads: one deterministic pass over a split, every sample exactly once across ranks."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.data import shards as shardlib
+from pipeline.data.batches import Batch, BatchBuilder, sample_problem
+from pipeline.data.config import DataError
+from pipeline.data.shardsets import resolve
+from pipeline.data.transforms import EVAL_CROP_FRACTION, eval_transform
+
+
+@dataclass
+class EvalStreams(IterableDataset):
+    """One deterministic pass: worker w reads shards w, w + W, ...; rank r keeps sample j of shard k when
+    (k + j) % world_size == r, so every sample is evaluated exactly once and ranks differ by at most a few."""
+
+    urls: list[str]
+    image_size: int
+    batch_size: int
+    rank: int
+    world_size: int
+    crop_fraction: float | None
+    strict: bool
+    num_classes: int | None
+    only_keys: frozenset[str] | None  # decode just these; None: all
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        batch = BatchBuilder(
+            batch_size=self.batch_size,
+            image_size=self.image_size,
+            num_classes=self.num_classes,
+            stream=worker,
+            where=f"eval rank {self.rank} worker {worker}",
+            strict="strict evaluation" if self.strict else None,
+        )
+        resize = partial(eval_transform, size=self.image_size, crop_fraction=self.crop_fraction)
+        for k in range(worker, len(self.urls), workers):
+            url = self.urls[k]
+            for j, sample in enumerate(shardlib.iter_shard(url)):
+                if (k + j) % self.world_size != self.rank:
+                    continue
+                if self.only_keys is not None and sample.key not in self.only_keys:
+                    continue  # not asked for: not decoded, not judged
+                if batch.add(url, sample, resize) and batch.full:
+                    yield batch.take()
+        if batch.pending:  # bad samples after the last full batch must be counted too (an empty batch carries them)
+            yield batch.take()
+
+
+class EvalLoader:
+    """Iterable of (images uint8 [B, 3, S, S], labels int64 [B]); each iteration is one full deterministic pass.
+    ``bad_by_shard`` adds up the bad samples of the passes so far."""
+
+    def __init__(self, dataset: EvalStreams, *, workers: int, manifest: dict[str, Any] | None) -> None:
+        self.urls = dataset.urls
+        self.num_samples: int | None = manifest["num_samples"] if manifest else None
+        self.num_classes = dataset.num_classes
+        self.class_names: list[str] | None = manifest["class_names"] if manifest else None
+        self.bad_by_shard: dict[str, int] = {}
+        self._dataset = dataset
+        self._workers = workers
+
+    def batches(self) -> Iterator[Batch]:
+        loader = DataLoader(self._dataset, batch_size=None, num_workers=self._workers)
+        for batch in loader:
+            for url, count in batch.bad_by_shard.items():
+                self.bad_by_shard[url] = self.bad_by_shard.get(url, 0) + count
+            if batch.keys:
+                yield batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.batches():
+            yield batch.images, batch.labels
+
+
+def build_eval_loader(
+    url: str,
+    *,
+    image_size: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 0,
+    crop_fraction: float | None = EVAL_CROP_FRACTION,
+    strict: bool = False,
+    only_keys: Iterable[str] | None = None,
+) -> EvalLoader:
+    """One pass over ``url`` (pattern or manifest), resize + centre crop, every sample exactly once across ranks.
+
+    ``only_keys``: decode and yield just these samples (e.g. the few shots drawn from a large training split);
+    the others are read past without being decoded."""
+    if batch_size <= 0 or image_size <= 0:
+        raise DataError(f"batch_size and image_size must be positive, got {batch_size} and {image_size}")
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    urls, manifest = resolve(url)
+    if not urls:
+        raise DataError(f"eval data {url!r} names no shards")
+    dataset = EvalStreams(
+        urls,
+        image_size,
+        batch_size,
+        rank,
+        world_size,
+        crop_fraction,
+        strict,
+        num_classes=manifest["num_classes"] if manifest else None,
+        only_keys=None if only_keys is None else frozenset(only_keys),
+    )
+    return EvalLoader(dataset, workers=workers, manifest=manifest)
+
+
+@dataclass(frozen=True)
+class SplitLabels:
+    """A split's samples in stored order, read without decoding an image (see `read_labels`)."""
+
+    keys: list[str]
+    labels: np.ndarray  # int64, one per key
+    shards: list[str]  # the shard URL holding each key
+    bad_by_shard: dict[str, int]  # unreadable samples (and labels outside the classes) left out, per shard
+
+
+def read_labels(url: str) -> SplitLabels:
+    """Keys, labels and shards of a split's samples, without decoding an image: what drawing few-shot examples
+    needs before any image is touched. Unreadable samples and labels outside the manifest's classes are left out
+    and counted; images themselves are only checked when decoded."""
+    urls, manifest = resolve(url)
+    num_classes = manifest["num_classes"] if manifest else None
+    keys, labels, where = [], [], []
+    bad: Counter[str] = Counter()
+    for shard in urls:
+        for sample in shardlib.iter_shard(shard):
+            if sample_problem(sample, num_classes) is None:
+                keys.append(sample.key)
+                labels.append(sample.label)
+                where.append(shard)
+            else:
+                bad[shard] += 1
+    return SplitLabels(keys, np.asarray(labels, dtype=np.int64), where, dict(bad))
