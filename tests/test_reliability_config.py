@@ -117,7 +117,7 @@ def test_every_independent_problem_is_reported_at_once():
 
 def test_an_unknown_transfer_benchmark_is_refused_listing_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown benchmark\(s\) 'no_such_benchmark'; known: .*cifar10"):
-        benchmarks.resolve(["cifar10", "no_such_benchmark"])
+        benchmarks.resolve_benchmarks(["cifar10", "no_such_benchmark"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

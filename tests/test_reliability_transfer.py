@@ -75,7 +75,7 @@ def data_root(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def undecodable_benchmark():
     benchmark = tasks.REGISTRY["digits_heldout"].model_copy(update={"name": UNDECODABLE, "prepare_args": ()})
-    tasks.register(benchmark, replace=True)
+    tasks.register_benchmark(benchmark, replace=True)
     yield benchmark
     del tasks.REGISTRY[UNDECODABLE]
 

@@ -62,7 +62,7 @@ def data_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def broken_benchmark():
     b = tasks.REGISTRY["digits_heldout"].model_copy(update={"name": BROKEN, "prepare_args": ()})
-    tasks.register(b, replace=True)
+    tasks.register_benchmark(b, replace=True)
     yield b
     del tasks.REGISTRY[BROKEN]
 

@@ -62,7 +62,9 @@ def digits_variant(data_root, tmp_path):
     registered = []
 
     def make(name: str, **update) -> str:
-        tasks.register(tasks.REGISTRY["digits_heldout"].model_copy(update={"name": name, **update}), replace=True)
+        tasks.register_benchmark(
+            tasks.REGISTRY["digits_heldout"].model_copy(update={"name": name, **update}), replace=True
+        )
         registered.append(name)
         storage.download_dir(f"{data_root}/digits_heldout", tmp_path / name)
         return f"file://{tmp_path}"

@@ -15,13 +15,13 @@ from pipeline.schedules import warmup_cosine
 from pipeline.transfer import tasks
 from pipeline.transfer.finetune import RunSpec, real_accuracy
 from pipeline.transfer.orchestrate import _final_runs_due
-from pipeline.transfer.source import ModelSource
+from pipeline.transfer.source import PretrainedSource
 from pipeline.transfer.summary import ERROR_TAG, RunOutcome, summarise
 from pipeline.transfer.sweep import BenchmarkPlan, SweepPlan
 
 
 def _plan(names, *, real=False):
-    source = ModelSource("export", "file:///x", {"variant": "Mi/4"}, "m")
+    source = PretrainedSource("export", "file:///x", {"variant": "Mi/4"}, "m")
     plans = []
     for name in names:
         b = tasks.REGISTRY[name]

@@ -4,7 +4,7 @@ import pydantic
 import pytest
 
 from pipeline.transfer import tasks
-from pipeline.transfer.tasks import REGISTRY, VTAB_TASKS, Recipe, resolve, vtab_score
+from pipeline.transfer.tasks import REGISTRY, VTAB_TASKS, Recipe, resolve_benchmarks, vtab_score
 
 
 def test_paper_benchmarks_follow_table_4():
@@ -21,7 +21,7 @@ def test_paper_benchmarks_follow_table_4():
 
 
 def test_vtab_is_nineteen_tasks_in_three_groups():
-    vtab = resolve("vtab")
+    vtab = resolve_benchmarks("vtab")
     assert len(vtab) == 19
     groups = [b.group for b in vtab]
     assert (groups.count("natural"), groups.count("specialized"), groups.count("structured")) == (7, 4, 8)
@@ -39,15 +39,15 @@ def test_vtab_score_is_the_mean_of_all_nineteen_and_absent_when_one_is_missing()
 
 
 def test_resolve_expands_aliases_keeps_order_and_drops_duplicates():
-    names = [b.name for b in resolve("lfw, digits_heldout,embedded,cifar10")]
+    names = [b.name for b in resolve_benchmarks("lfw, digits_heldout,embedded,cifar10")]
     assert names == ["lfw", "digits_heldout", "cifar10"]
 
 
 def test_unknown_benchmark_error_lists_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown benchmark\(s\) 'cifar11'.*known: .*cifar10.*vtab"):
-        resolve("cifar10,cifar11")
+        resolve_benchmarks("cifar10,cifar11")
     with pytest.raises(ValueError, match="no benchmarks given"):
-        resolve(" , ")
+        resolve_benchmarks(" , ")
 
 
 def test_split_urls_follow_the_data_root_layout():
@@ -88,7 +88,7 @@ def test_bad_recipes_are_rejected_with_the_field_name(change, message):
 
 def test_registering_a_benchmark_refuses_to_shadow_an_existing_one():
     with pytest.raises(ValueError, match="already registered"):
-        tasks.register(REGISTRY["lfw"])
+        tasks.register_benchmark(REGISTRY["lfw"])
 
 
 def test_large_models_fine_tune_at_the_papers_higher_resolution_on_paper_benchmarks_only():

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pipeline import storage
 from pipeline.schedules import warmup_cosine
 from pipeline.transfer import tasks
-from pipeline.transfer.source import ModelSource, build_model
+from pipeline.transfer.source import PretrainedSource, build_model
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class RunSpec:
     num_classes: int
     recipe: tasks.Recipe
     init: Literal["pretrained", "scratch"]
-    source: ModelSource
+    source: PretrainedSource
     urls: dict[str, str]  # train / minival / test manifests, and real_labels when the benchmark has them
     lr: float = 0.0
     seed: int = 0

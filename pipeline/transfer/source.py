@@ -1,6 +1,6 @@
 """The pretrained model a transfer sweep starts from: where its weights are and which architecture they fit.
 
-``resolve_pretrained`` turns ``--pretrained`` into a ``ModelSource`` on the driver, before any run starts: an
+``resolve_pretrained`` turns ``--pretrained`` into a ``PretrainedSource`` on the driver, before any run starts: an
 MLflow run id (-> the ``export_uri`` tag its pretraining job set), an export directory written by
 ``pipeline.export``, or an official ``.npz`` checkpoint whose architecture is checked from its array headers
 against ``--variant``. ``build_model`` then builds that model inside each run, pretrained or (for the
@@ -29,7 +29,7 @@ EXPORT_URI_TAG = "export_uri"  # set on the pretraining run by jobs/pretrain.py
 
 
 @dataclass(frozen=True)
-class ModelSource:
+class PretrainedSource:
     """Where the pretrained weights come from and the architecture they fit."""
 
     kind: Literal["export", "npz"]
@@ -39,7 +39,7 @@ class ModelSource:
     pretrain_run_id: str | None = None
 
 
-def resolve_pretrained(cfg: TransferConfig) -> ModelSource:
+def resolve_pretrained(cfg: TransferConfig) -> PretrainedSource:
     """``--pretrained`` as an MLflow run id (-> its export), an export directory, or an official .npz."""
     from pipeline.export import read_export_spec
 
@@ -106,7 +106,7 @@ def resolve_pretrained(cfg: TransferConfig) -> ModelSource:
             "representation_size": arch.representation_size,
         }
         label = cfg.model_label or f"ViT-{variant} ({url.rsplit('/', 1)[-1]})"
-        return ModelSource("npz", url, spec, label, run_id)
+        return PretrainedSource("npz", url, spec, label, run_id)
 
     try:
         info = read_export_spec(url)
@@ -116,10 +116,10 @@ def resolve_pretrained(cfg: TransferConfig) -> ModelSource:
     metadata = info.get("metadata", {})
     run_id = run_id or metadata.get("mlflow_run_id") or metadata.get("run_id")
     label = cfg.model_label or run_label or metadata.get("model_label") or metadata.get("run_name") or spec["variant"]
-    return ModelSource("export", url, spec, str(label), run_id)
+    return PretrainedSource("export", url, spec, str(label), run_id)
 
 
-def build_model(source: ModelSource, init: str, *, seed: int) -> torch.nn.Module:
+def build_model(source: PretrainedSource, init: str, *, seed: int) -> torch.nn.Module:
     """The pretrained ViT (as exported, with its representation layer), or the same architecture at random."""
     from pipeline.export import load_exported_model
 

@@ -22,7 +22,7 @@ from pipeline.config import ConfigError, format_errors
 from pipeline.config.transfer import TransferConfig, local_data_root
 from pipeline.transfer import tasks
 from pipeline.transfer.finetune import RunSpec
-from pipeline.transfer.source import ModelSource, resolve_pretrained
+from pipeline.transfer.source import PretrainedSource, resolve_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class BenchmarkPlan:
 @dataclass
 class SweepPlan:
     cfg: TransferConfig
-    source: ModelSource
+    source: PretrainedSource
     benchmarks: list[BenchmarkPlan]
     inits: list[str]
 
@@ -90,7 +90,7 @@ class SweepPlan:
 def plan_sweep(cfg: TransferConfig) -> SweepPlan:
     """Validate benchmarks, recipes, data and the pretrained model; raise ConfigError listing every problem."""
     try:
-        chosen = tasks.resolve(cfg.benchmarks)
+        chosen = tasks.resolve_benchmarks(cfg.benchmarks)
     except ValueError as exc:
         raise ConfigError([f"benchmarks: {exc}"]) from None
     names = {b.name for b in chosen}
@@ -98,7 +98,7 @@ def plan_sweep(cfg: TransferConfig) -> SweepPlan:
     # Per-benchmark overrides; an alias (e.g. vtab.steps=...) sets every member, a member's own setting wins.
     overrides: dict[str, dict[str, Any]] = {}
     for name in sorted(cfg.benchmark_recipes, key=lambda n: n in names):
-        members = [m.name for m in tasks.resolve([name])] if name in tasks.ALIASES else [name]
+        members = [m.name for m in tasks.resolve_benchmarks([name])] if name in tasks.ALIASES else [name]
         if not set(members) <= names:
             problems.append(
                 f"benchmark_recipes.{name}: {name!r} is not among the benchmarks of this sweep "
@@ -216,7 +216,7 @@ def _check_real_labels(b: tasks.Benchmark, real_url: str, test_url: str) -> list
     return []
 
 
-def _check_resolutions(source: ModelSource, plans: list[BenchmarkPlan]) -> list[str]:
+def _check_resolutions(source: PretrainedSource, plans: list[BenchmarkPlan]) -> list[str]:
     found = [
         (p.benchmark.name, resolution_problem(p.recipe.resolution, source.spec["variant"], field="recipe.resolution"))
         for p in plans

@@ -29,8 +29,8 @@ from typing import Literal
 import pydantic
 
 from pipeline import storage
+from pipeline.data.sources import SPLITS  # a benchmark's shards are the splits prepare_data writes
 
-SPLITS = ("train", "minival", "test")
 REAL_LABELS_FILE = "real_labels.json"
 
 # The paper's fine-tuning sweep (Table 4) for everything but ImageNet and VTAB.
@@ -276,7 +276,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
-def register(benchmark: Benchmark, *, replace: bool = False) -> None:
+def register_benchmark(benchmark: Benchmark, *, replace: bool = False) -> None:
     """Add a benchmark (e.g. your own dataset) to the registry of this process."""
     if benchmark.name in REGISTRY and not replace:
         raise ValueError(f"benchmark {benchmark.name!r} is already registered; pass replace=True to redefine it")
@@ -294,7 +294,7 @@ def get(name: str) -> Benchmark:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(known_names())}") from None
 
 
-def resolve(names: str | list[str] | tuple[str, ...]) -> list[Benchmark]:
+def resolve_benchmarks(names: str | list[str] | tuple[str, ...]) -> list[Benchmark]:
     """Benchmarks named by a comma-separated string or a list, aliases expanded, order kept, duplicates dropped."""
     if isinstance(names, str):
         names = [n for n in (part.strip() for part in names.split(",")) if n]
