@@ -72,13 +72,13 @@ def model_only_images_per_s(micro_batch: int, workers: int, rounds: int = 20) ->
     cfg = presets.tiny()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    variant = cfg["model"]["variant"]
+    variant = cfg.model.variant
     # The preset's representation_size="width": a pre-logits layer as wide as the model.
     vit = create_vit(
-        variant, num_classes=5, img_size=cfg["data"]["image_size"], representation_size=parse_variant(variant).width
+        variant, num_classes=5, img_size=cfg.data.image_size, representation_size=parse_variant(variant).width
     )
     opt = torch.optim.AdamW(vit.parameters(), lr=1e-3)
-    x = torch.randn(micro_batch, 3, cfg["data"]["image_size"], cfg["data"]["image_size"])
+    x = torch.randn(micro_batch, 3, cfg.data.image_size, cfg.data.image_size)
     y = torch.randint(0, 5, (micro_batch,))
     times = []
     for i in range(rounds + 3):
@@ -99,7 +99,7 @@ def main() -> None:
     if args.steps < 30:
         sys.exit("--steps must be at least 30: the first of the 10-step windows is left out")
     cfg = presets.tiny()
-    workers, micro = cfg["scale"]["workers"], cfg["train"]["micro_batch"]
+    workers, micro = cfg.scale.workers, cfg.train.micro_batch
 
     with tempfile.TemporaryDirectory() as tmp:
         home = args.keep or Path(tmp)

@@ -27,21 +27,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import ConfigError, load_config
+from pipeline.config.cli import add_config_arguments, refuse
 from pipeline.config.presets import DEFAULT_PRESET, PRESETS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEFAULT_PRESET, help=f"preset: {', '.join(PRESETS)}")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one field, e.g. --set train.steps=200 --set run.root=gs://bucket/runs (repeatable)",
+    add_config_arguments(
+        parser,
+        set_example="train.steps=200 --set run.root=gs://bucket/runs",
+        presets=PRESETS,
+        default_preset=DEFAULT_PRESET,
     )
-    parser.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else start or join a local Ray)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     return parser.parse_args(argv)
 
@@ -51,16 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # parse -> validate: every configuration problem is reported here, before Ray starts.
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.sets)
         if args.print_config:
             print(json.dumps(cfg.model_dump(mode="json"), indent=2))
             return 0
-        from pipeline import pretrain as train
+        from pipeline import pretrain
 
-        plan = train.preflight(cfg)
+        plan = pretrain.check_before_launch(cfg)
     except ConfigError as exc:
-        print(f"pretrain: {exc}", file=sys.stderr)
-        return 2
+        return refuse("pretrain", exc)
     print(
         f"pretrain: run {plan.run_name}: {cfg.model.variant} at {cfg.data.image_size}px, {plan.total_steps} steps "
         f"of {plan.global_batch} images ({plan.world_size} workers x {plan.micro_batch} x {plan.grad_accum} accum), "
@@ -70,10 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     # build -> run -> close: Ray is shut down on success and on failure.
     import ray
 
+    from pipeline.cluster import connect_ray
+
     try:
-        train.connect_ray(args.address)
-        result = train.run(cfg, plan)
-    except train.LossNotFiniteError as exc:
+        connect_ray(args.address)
+        result = pretrain.run(cfg, plan)
+    except pretrain.LossNotFiniteError as exc:
         print(f"pretrain: stopped: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:

@@ -54,3 +54,17 @@ def parse_variant(name: str) -> ViTShape:
         raise ValueError(f"Bad patch size in ViT variant {name!r}: expected a positive integer as in 'B/16'.")
     width, depth, heads, mlp_dim = SIZES[size]
     return ViTShape(size=size, patch_size=int(patch), width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim)
+
+
+def resolution_problem(img_size: int, variant: str | ViTShape, *, field: str = "img_size") -> str | None:
+    """Why ``img_size`` cannot be cut into whole patches of ``variant`` (naming ``field`` and sizes that can), or None.
+
+    Every resolution check in the pipeline (the pretraining config, the planner, transfer recipes) uses this.
+    """
+    shape = variant if isinstance(variant, ViTShape) else parse_variant(variant)
+    patch = shape.patch_size
+    if img_size % patch == 0:
+        return None
+    below = img_size // patch * patch
+    choices = f"{below} or {below + patch}" if below else str(patch)
+    return f"{field}={img_size} is not a multiple of the patch size {patch} of {shape.name}: use e.g. {choices}"

@@ -11,17 +11,19 @@ from pathlib import Path
 
 import pytest
 
+from model.variants import resolution_problem
 from pipeline.config import (
     ConfigError,
     PretrainConfig,
     apply_overrides,
     load_config,
-    make_plan,
+    make_layout,
     parse_override,
     presets,
 )
+from pipeline.config.transfer import apply_sets
 from pipeline.data import DataInfo
-from pipeline.pretrain import checkpoint_info, preflight
+from pipeline.pretrain import check_before_launch, checkpoint_info
 from pipeline.schedules import warmup_linear_decay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +97,7 @@ def test_paper_recipes() -> None:
     assert (h14.model.variant, h14.optim.lr, h14.optim.weight_decay, h14.train.epochs) == ("H/14", 3e-4, 0.1, 14)
     # 14 epochs of JFT-300M (303M images) at batch 4096
     jft = DataInfo(num_shards=10_000, num_samples=303_000_000, num_classes=18_291, class_names=None)
-    plan = make_plan(h14, jft)
+    plan = make_layout(h14, jft)
     assert plan.total_steps == math.ceil(14 * 303_000_000 / 4096)
     assert plan.head_bias_init == pytest.approx(-math.log(18_291))  # the paper's ~-10 for sigmoid
 
@@ -124,14 +126,19 @@ def test_missing_preset_lists_the_choices() -> None:
 
 
 def test_overrides_are_typed_by_the_field() -> None:
-    assert parse_override("train.steps=100") == ("train.steps", 100)
-    assert parse_override("optim.lr=3e-4") == ("optim.lr", 3e-4)
-    assert parse_override("train.activation_checkpointing=true") == ("train.activation_checkpointing", True)
-    assert parse_override("train.zero_stage=3") == ("train.zero_stage", 3)
-    assert parse_override("optim.betas=[0.9,0.95]") == ("optim.betas", (0.9, 0.95))
-    assert parse_override("model.representation_size=null") == ("model.representation_size", None)
-    assert parse_override("model.representation_size=width") == ("model.representation_size", "width")
-    assert parse_override("run.name=123") == ("run.name", "123")
+    def parse(text: str) -> tuple[str, object]:
+        return parse_override(text, PretrainConfig)
+
+    assert parse("train.steps=100") == ("train.steps", 100)
+    assert parse("optim.lr=3e-4") == ("optim.lr", 3e-4)
+    assert parse("train.activation_checkpointing=true") == ("train.activation_checkpointing", True)
+    assert parse("train.zero_stage=3") == ("train.zero_stage", 3)
+    # Sequences (held as lists in the settings tree) as JSON, a bracketed list or a comma list.
+    assert parse("optim.betas=[0.9,0.95]") == parse("optim.betas=0.9,0.95") == ("optim.betas", [0.9, 0.95])
+    assert parse("model.representation_size=null") == ("model.representation_size", None)
+    assert parse("model.representation_size=width") == ("model.representation_size", "width")
+    assert parse("run.name=123") == ("run.name", "123")
+    assert parse("data.train=gs://b/t-{000000..000009}.tar") == ("data.train", "gs://b/t-{000000..000009}.tar")
     cfg = load_config("tiny", ["train.steps=7", "optim.warmup_steps=2", "scale.workers=1", "train.micro_batch=64"])
     assert (cfg.train.steps, cfg.scale.workers) == (7, 1)
 
@@ -144,7 +151,8 @@ def test_overrides_are_typed_by_the_field() -> None:
         ("trian.steps=3", "unknown config key"),
         ("train.steps=many", "train.steps=many"),
         ("train.zero_stage=4", "train.zero_stage=4"),
-        ("optim.betas=0.9", "optim.betas=0.9"),
+        ("optim.betas=0.9", "optim.betas=0.9: give 2 values"),
+        ("train=3", "train is a section"),
         ("train.steps", "expected key=value"),
         ("train.steps.x=1", "is a value, not a section"),
     ],
@@ -156,9 +164,59 @@ def test_bad_overrides_name_the_field(override: str, expected: str) -> None:
 
 
 def test_apply_overrides_does_not_touch_the_preset() -> None:
-    tree = presets.get_preset("tiny")
-    out = apply_overrides(tree, ["train.steps=5", "optim.warmup_steps=2"])
-    assert out["train"]["steps"] == 5 and tree["train"]["steps"] == presets.tiny()["train"]["steps"] != 5
+    tree = presets.get_preset("tiny").model_dump(mode="json", exclude_unset=True)
+    out = apply_overrides(tree, ["train.steps=5", "optim.warmup_steps=2"], PretrainConfig)
+    assert out["train"]["steps"] == 5 and tree["train"]["steps"] == presets.tiny().train.steps != 5
+
+
+def test_every_bad_override_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_config("tiny", ["train.lr=1e-3", "train.steps=many", "data.flip"])
+    assert len(excinfo.value.problems) == 3
+
+
+# --------------------------------------------------------------------------------------------------- one grammar
+
+
+def test_transfer_sets_follow_the_same_typed_grammar() -> None:
+    fields = apply_sets(
+        {},
+        [
+            "lrs=[0.01]",
+            "pets.lrs=0.003,0.01",
+            "lfw.lrs=0.1",
+            "benchmarks=[cifar10, pets]",
+            "fewshot=1,5",
+            "model_label=123",  # a string field: not read as a number
+            "variant=null",
+            "crop_scale=0.9,1.0",
+            "eval_crop_fraction=none",
+        ],
+    )
+    assert fields["recipe"] == {"lrs": [0.01], "crop_scale": [0.9, 1.0], "eval_crop_fraction": None}
+    assert fields["benchmark_recipes"] == {"pets": {"lrs": [0.003, 0.01]}, "lfw": {"lrs": [0.1]}}
+    assert fields["benchmarks"] == ["cifar10", "pets"] and fields["fewshot"] == [1, 5]
+    assert fields["model_label"] == "123" and fields["variant"] is None
+
+
+def test_bad_transfer_sets_name_the_key_the_value_and_the_closest_key() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        apply_sets({}, ["stepz=5", "steps=abc", "lfw.seedz=3", "fewshot=1,five", "crop_scale=0.9", "resolution"])
+    problems = excinfo.value.problems
+    assert len(problems) == 6
+    assert problems[0].startswith("--set stepz: unknown key; did you mean 'steps'?")
+    assert problems[1].startswith("--set steps=abc: Input should be a valid integer")
+    assert "did you mean 'lfw.seeds'?" in problems[2]
+    assert problems[3].startswith("--set fewshot=1,five: ") and "integer" in problems[3]
+    assert problems[4].startswith("--set crop_scale=0.9: give 2 values")
+    assert problems[5] == "--set 'resolution': expected key=value, e.g. --set steps=500"
+
+
+def test_the_resolution_check_names_the_field_and_sizes_that_work() -> None:
+    assert resolution_problem(32, "Mi/4") is None and resolution_problem(518, "ViT-H/14") is None
+    problem = resolution_problem(384, "H/14", field="recipe.resolution")
+    assert problem == "recipe.resolution=384 is not a multiple of the patch size 14 of H/14: use e.g. 378 or 392"
+    assert resolution_problem(3, "B/16") == "img_size=3 is not a multiple of the patch size 16 of B/16: use e.g. 16"
 
 
 # --------------------------------------------------------------------------------------------------- validation
@@ -190,11 +248,19 @@ def test_validation_messages_name_the_field(overrides: list[str], fields: list[s
 
 
 def test_unknown_keys_in_a_config_tree_are_rejected() -> None:
-    tree = presets.get_preset("tiny")
+    tree = presets.get_preset("tiny").model_dump(mode="json")
     tree["train"]["learning_rate"] = 1.0
     with pytest.raises(Exception) as excinfo:
         PretrainConfig.model_validate(tree)
     assert "learning_rate" in str(excinfo.value)
+    with pytest.raises(ConfigError) as excinfo:
+        PretrainConfig.from_tree(tree)
+    assert _problems(excinfo) == "train.learning_rate: unknown key: remove it or fix the spelling"
+    del tree["train"]["learning_rate"]
+    tree["optim"]["weight_decy"] = 0.1
+    with pytest.raises(ConfigError) as excinfo:
+        PretrainConfig.from_tree(tree)
+    assert "optim.weight_decy: unknown key: did you mean 'optim.weight_decay'?" in _problems(excinfo)
 
 
 def test_every_problem_is_reported_at_once() -> None:
@@ -220,7 +286,7 @@ def test_flat_params() -> None:
 
 def test_preflight_derives_the_plan_from_the_data(digits_manifest: str, tmp_path: Path) -> None:
     cfg = load_config("tiny", [f"data.train={digits_manifest}", f"run.root={tmp_path.as_uri()}", "run.name=p1"])
-    plan = preflight(cfg)
+    plan = check_before_launch(cfg)
     assert (plan.num_classes, plan.samples_per_epoch, plan.world_size) == (5, 631, 2)
     assert (plan.micro_batch, plan.grad_accum, plan.global_batch) == (32, 1, 64)
     assert plan.micro_batch * plan.grad_accum * plan.world_size == plan.global_batch
@@ -231,14 +297,14 @@ def test_preflight_derives_the_plan_from_the_data(digits_manifest: str, tmp_path
     by_epochs = load_config(
         "tiny", [f"data.train={digits_manifest}", "train.steps=null", "train.epochs=2", "train.micro_batch=8"]
     )
-    plan = preflight(by_epochs)
+    plan = check_before_launch(by_epochs)
     assert plan.total_steps == math.ceil(2 * 631 / 64) and plan.grad_accum == 4
 
 
 def test_preflight_rejects_missing_or_empty_data(digits_manifest: str, tmp_path: Path) -> None:
     missing = load_config("tiny", [f"data.train=file://{tmp_path}/none/train-{{000000..000003}}.tar"])
     with pytest.raises(ConfigError) as excinfo:
-        preflight(missing)
+        check_before_launch(missing)
     assert "data.train" in _problems(excinfo) and "does not exist" in _problems(excinfo)
 
     empty = tmp_path / "empty"
@@ -246,7 +312,7 @@ def test_preflight_rejects_missing_or_empty_data(digits_manifest: str, tmp_path:
     (empty / "train-000000.tar").write_bytes(b"")
     (empty / "train-000001.tar").write_bytes(b"")
     with pytest.raises(ConfigError) as excinfo:
-        preflight(load_config("tiny", [f"data.train=file://{empty}/train-{{000000..000001}}.tar"]))
+        check_before_launch(load_config("tiny", [f"data.train=file://{empty}/train-{{000000..000001}}.tar"]))
     assert "is empty" in _problems(excinfo)
 
 
@@ -254,14 +320,14 @@ def test_preflight_rejects_more_readers_than_shards(digits_manifest: str) -> Non
     # 631 samples in 5 shards cannot feed 8 ranks
     cfg = load_config("tiny", [f"data.train={digits_manifest}", "scale.workers=8", "train.micro_batch=8"])
     with pytest.raises(ConfigError) as excinfo:
-        preflight(cfg)
+        check_before_launch(cfg)
     assert "5 shards" in _problems(excinfo) and "workers" in _problems(excinfo)
 
 
 def test_preflight_tells_how_to_make_the_demo_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VITPIPE_HOME", str(tmp_path))  # where the demo data would be: not made yet
     with pytest.raises(ConfigError) as excinfo:
-        preflight(load_config("tiny"))
+        check_before_launch(load_config("tiny"))
     assert f"jobs/prepare_data.py --source digits --classes 0-4 --split train --out file://{tmp_path}/runs/data" in (
         _problems(excinfo)
     )
@@ -271,20 +337,20 @@ def test_preflight_refuses_a_checkpoint_it_cannot_resume(digits_manifest: str, t
     from pipeline import storage
 
     cfg = load_config("tiny", [f"data.train={digits_manifest}", f"run.root={tmp_path.as_uri()}", "run.name=r"])
-    plan = preflight(cfg)
+    plan = check_before_launch(cfg)
     # a complete checkpoint written by 4 workers with ZeRO-3: this 2-worker ZeRO-2 config cannot resume it
     step_dir = storage.join(plan.checkpoint_dir, "step_00000010")
     storage.mark_complete(step_dir, {**checkpoint_info(cfg, plan), "world_size": 4, "zero_stage": 3, "files": []})
     with pytest.raises(ConfigError) as excinfo:
-        preflight(cfg)
+        check_before_launch(cfg)
     text = _problems(excinfo)
     assert "run.name=r" in text and "world_size" in text and "zero_stage" in text and "new run.name" in text
 
 
-def test_make_plan_needs_classes_and_size_when_the_data_has_no_manifest() -> None:
+def test_make_layout_needs_classes_and_size_when_the_data_has_no_manifest() -> None:
     cfg = load_config("tiny", ["train.steps=null", "train.epochs=1"])
     with pytest.raises(ConfigError) as excinfo:
-        make_plan(cfg, DataInfo(num_shards=4, num_samples=None, num_classes=None, class_names=None))
+        make_layout(cfg, DataInfo(num_shards=4, num_samples=None, num_classes=None, class_names=None))
     text = _problems(excinfo)
     assert "model.num_classes" in text and "train.epochs" in text
 
@@ -327,10 +393,11 @@ def test_cli_prints_the_resolved_config() -> None:
 def test_defaults_inside_a_ray_job_copy_are_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """`ray job submit --working-dir .` runs a temporary copy of the code: default runs/ there would be lost."""
     from pipeline import config
+    from pipeline.config import paths
 
     monkeypatch.delenv(config.HOME_ENV, raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(config, "REPO_ROOT", tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0a1b")
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0a1b")
     problems = config.check_durable_defaults(load_config("tiny"))
     assert [p.split(":")[0] for p in problems] == ["run.root", "tracking.uri", "data.train"]
     assert "VITPIPE_HOME" in problems[0] and "--runtime-env-json" in problems[0]
@@ -341,7 +408,7 @@ def test_defaults_inside_a_ray_job_copy_are_refused(monkeypatch: pytest.MonkeyPa
     ]
     assert config.check_durable_defaults(load_config("tiny", explicit)) == []
     # Several sources: any one inside the copy is refused.
-    inside = config.REPO_ROOT.as_uri() + "/runs/data/extra.manifest.json"
+    inside = paths.REPO_ROOT.as_uri() + "/runs/data/extra.manifest.json"
     joined = [*explicit[:2], f"data.train={tmp_path.as_uri()}/train.manifest.json :: {inside}"]
     assert [p.split(":")[0] for p in config.check_durable_defaults(load_config("tiny", joined))] == ["data.train"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # a tracking server from the environment

@@ -2,9 +2,11 @@
 
 A sweep is described by one ``TransferConfig``: the pretrained model, the benchmarks, few-shot settings and
 recipe overrides. ``build_config(fields, sets)`` folds the ``--set key=value`` strings of ``jobs/transfer.py``
-into its fields (a transfer setting, a recipe field of every benchmark, or ``<benchmark>.<recipe field>``) and
-validates them, raising ``ConfigError`` that names every bad field. The deeper checks that need the data and the
-pretrained model (``plan_sweep``) live in ``pipeline.transfer.sweep``.
+into its fields (a transfer setting, a recipe field of every benchmark, or ``<benchmark>.<recipe field>``), each
+value typed by the field it sets (the grammar of ``pipeline.config.overrides``: ``lrs=0.003,0.01``,
+``lrs=[0.01]``, ``scratch=true``, ``variant=null``), and validates them, raising ``ConfigError`` that names every
+bad field. The deeper checks that need the data and the pretrained model (``plan_sweep``) live in
+``pipeline.transfer.sweep``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any, Literal
 import pydantic
 
 from pipeline import storage
-from pipeline.config import ConfigError, default_tracking_uri, home_dir
+from pipeline.config.overrides import ConfigError, did_you_mean, read_value, split_override, validate
+from pipeline.config.paths import default_tracking_uri, home_dir
 from pipeline.transfer import tasks
 
 
@@ -77,53 +80,43 @@ class TransferConfig(pydantic.BaseModel, extra="forbid"):
         return None if value is None else storage.check_url(value, field="data_root")
 
 
-RECIPE_FIELDS = set(tasks.Recipe.model_fields)
-# Fields holding sequences: a single --set value ("lrs=0.01") means a one-element sequence.
-SEQUENCE_FIELDS = {"lrs", "fewshot", "benchmarks"}
-
-
-def parse_value(raw: str) -> Any:
-    """``--set`` values: YAML scalars (``0.01``, ``true``, ``null``), lists as ``[a, b]`` or ``a,b``."""
-    import yaml
-
-    text = raw.strip()
-    if "," in text and not text.startswith(("[", "{")):
-        return [yaml.safe_load(part) for part in text.split(",") if part.strip()]
-    return yaml.safe_load(text) if text else ""
+# Settings --set may change directly; recipe and benchmark_recipes are filled from recipe fields instead.
+SETTINGS = [name for name in TransferConfig.model_fields if name not in ("recipe", "benchmark_recipes")]
+RECIPE_FIELDS = tasks.Recipe.model_fields
 
 
 def apply_sets(fields: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
-    """Fold ``key=value`` strings into TransferConfig fields.
+    """Fold ``key=value`` strings into TransferConfig fields, every value typed by the field it sets.
 
     ``key`` is a TransferConfig field (``data_root``, ``fewshot``...), a recipe field for every benchmark
     (``steps``, ``lrs``, ``micro_batch_size``...), or ``<benchmark>.<recipe field>`` for one benchmark.
+    Every bad key or value is reported at once.
     """
     fields = dict(fields)
     recipe = dict(fields.get("recipe") or {})
     per_bench = {k: dict(v) for k, v in (fields.get("benchmark_recipes") or {}).items()}
     problems = []
     for text in sets:
-        key, sep, raw = text.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            problems.append(f"--set {text!r}: expected key=value, e.g. --set steps=500")
-            continue
-        value = parse_value(raw)
-        name, dot, leaf = key.rpartition(".")
-        if (leaf or key) in SEQUENCE_FIELDS and not isinstance(value, list):
-            value = [value]
-        if dot and leaf in RECIPE_FIELDS:
-            per_bench.setdefault(name, {})[leaf] = value
-        elif key in RECIPE_FIELDS:
-            recipe[key] = value
-        elif key in TransferConfig.model_fields and key not in ("recipe", "benchmark_recipes"):
-            fields[key] = value
-        else:
-            known = sorted(set(TransferConfig.model_fields) - {"recipe", "benchmark_recipes"})
-            problems.append(
-                f"--set {key}: unknown key. Use a transfer setting ({', '.join(known)}), a recipe field for every "
-                f"benchmark ({', '.join(sorted(RECIPE_FIELDS))}), or <benchmark>.<recipe field>"
-            )
+        try:
+            key, raw = split_override(text, example="steps=500")
+            name, dot, leaf = key.rpartition(".")
+            if dot and leaf in RECIPE_FIELDS:
+                per_bench.setdefault(name, {})[leaf] = read_value(key, raw, RECIPE_FIELDS[leaf].annotation)
+            elif key in RECIPE_FIELDS:
+                recipe[key] = read_value(key, raw, RECIPE_FIELDS[key].annotation)
+            elif key in SETTINGS:
+                fields[key] = read_value(key, raw, TransferConfig.model_fields[key].annotation)
+            else:
+                known = [*SETTINGS, *RECIPE_FIELDS, *(f"{name}.{r}" for r in RECIPE_FIELDS if dot)]
+                raise ConfigError(
+                    [
+                        f"--set {key}: unknown key; {did_you_mean(key, known)}use a transfer setting "
+                        f"({', '.join(sorted(SETTINGS))}), a recipe field for every benchmark "
+                        f"({', '.join(sorted(RECIPE_FIELDS))}), or <benchmark>.<recipe field>"
+                    ]
+                )
+        except ConfigError as exc:
+            problems += exc.problems
     if problems:
         raise ConfigError(problems)
     fields["recipe"] = recipe
@@ -133,20 +126,4 @@ def apply_sets(fields: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
 
 def build_config(fields: dict[str, Any], sets: Sequence[str] = ()) -> TransferConfig:
     """TransferConfig from keyword fields plus ``--set`` strings, or ConfigError naming each bad field."""
-    fields = apply_sets(fields, sets)
-    try:
-        return TransferConfig.model_validate(fields)
-    except pydantic.ValidationError as exc:
-        raise ConfigError(_messages(exc, prefix="")) from None
-
-
-def _messages(exc: pydantic.ValidationError, prefix: str) -> list[str]:
-    out = []
-    for err in exc.errors():
-        # Model-level checks have no location: their messages already name the field.
-        loc = prefix + ".".join(str(p) for p in err["loc"]) if err["loc"] else ""
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field: remove it or fix the spelling"
-        out.append(f"{loc}: {msg}" if loc else msg)
-    return out
+    return validate(TransferConfig, apply_sets(fields, sets))
