@@ -96,7 +96,7 @@ def _steps(steps: int | None, epochs: float | None, images: int | None, global_b
         return steps
     if epochs is None or images is None:
         raise planner.PlanError("give --steps, or --epochs with --dataset-images (the size of the training set)")
-    return max(1, math.ceil(epochs * images / global_batch))  # as pipeline.config.make_plan does
+    return max(1, math.ceil(epochs * images / global_batch))  # as pipeline.config.make_layout does
 
 
 def build_request(args: argparse.Namespace) -> tuple[planner.PlanRequest, list[str]]:

@@ -284,7 +284,7 @@ def request_from_config(
     The config says how many workers (one GPU each, or CPU processes) but not how they are packed into nodes nor
     which GPU: `nodes` × `gpus_per_node` default to the config's workers on 8-GPU nodes (one node on CPU). When
     they give a different world size, the config's micro-batch is kept only if it still divides the per-GPU batch;
-    otherwise it is left to the planner. `steps` and `num_classes` come from `make_plan` or the caller (the config
+    otherwise it is left to the planner. `steps` and `num_classes` come from `make_layout` or the caller (the config
     may leave them to the dataset). `options` are further PlanRequest fields (mfu, loader_rate_per_core, ...).
     """
     on_gpu = cfg.scale.gpus_per_worker > 0

@@ -21,7 +21,7 @@ from pipeline.planner.memory import ZERO_STAGES, MemoryEstimate, ModelFacts, for
 
 @dataclass(frozen=True)
 class ScalePlan:
-    """Everything the printed plan shows (named apart from pipeline.config.Plan, a run's resolved settings)."""
+    """Everything the printed plan shows (named apart from pipeline.config.RunLayout, a run's resolved settings)."""
 
     request: PlanRequest
     facts: ModelFacts
