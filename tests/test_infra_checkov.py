@@ -1,5 +1,9 @@
 """checkov over everything in infra/ (Terraform, Kubernetes manifests, Dockerfiles, secrets): no failed check.
 
+checkov does not understand KubeRay's custom resources, so the Pods that KubeRay creates from the RayCluster and
+RayJob templates (heads, GPU workers, job submitters) are written out as plain Pods, next to the NetworkPolicies,
+and scanned as well, with the settings and explained skips of infra/.checkov-ray-pods.yaml.
+
 checkov lives in its own virtual environment (it pins many libraries); `make test` installs it and passes its
 path in $CHECKOV. A missing checkov is a failure, not a skip: the security checks must not silently vanish.
 Skipping a check needs an entry in infra/.checkov.yaml (global) or an inline `checkov:skip` on one resource,
@@ -16,15 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import test_infra_k8s as k8s
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "infra" / ".checkov.yaml"
+RAY_POD_CONFIG = REPO / "infra" / ".checkov-ray-pods.yaml"
+# Skips for the Ray Pods only, each with its reason in infra/.checkov-ray-pods.yaml.
+RAY_POD_SKIPS = {"CKV_K8S_43", "CKV_K8S_35", "CKV_K8S_8", "CKV_K8S_9", "CKV_K8S_22", "CKV_K8S_40"}
 
 # Global skips (infra/.checkov.yaml) and single-resource skips, with the reason recorded in the repo.
 ALLOWED_GLOBAL_SKIPS = {"CKV_K8S_43", "CKV_K8S_35", "CKV_GCP_84"}
 ALLOWED_INLINE_SKIPS = {
     ("CKV_GCP_62", "google_storage_bucket.access_logs"),
+    ("CKV_GCP_9", "google_container_node_pool.gpu"),
     ("CKV_DOCKER_2", "/infra/docker/Dockerfile"),
 }
 # Checks that must have run and passed: the properties the design depends on.
@@ -57,23 +66,84 @@ def checkov_binary() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def checkov_reports() -> dict[str, dict[str, Any]]:
-    """One checkov run over infra/ with the repository's config; reports by framework."""
-    result = subprocess.run(
-        [str(checkov_binary()), "--config-file", str(CONFIG), "--output", "json"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        env={**os.environ, "BC_SKIP_MAPPING": "TRUE"},
-    )
+def _reports(result: tuple[int, str, str]) -> dict[str, dict[str, Any]]:
+    returncode, stdout, stderr = result
     # Exit code 1 means "some check failed"; anything else is checkov itself failing.
-    assert result.returncode in (0, 1), f"checkov exited {result.returncode}:\n{result.stderr[-4000:]}"
-    parsed = json.loads(result.stdout)
+    assert returncode in (0, 1), f"checkov exited {returncode}:\n{stderr[-4000:]}"
+    parsed = json.loads(stdout)
     reports = parsed if isinstance(parsed, list) else [parsed]
     return {report["check_type"]: report for report in reports}
+
+
+def ray_pods_as_manifests() -> str:
+    """Every Pod template of the RayCluster / RayJobs as a Pod, plus the NetworkPolicies that select them."""
+    docs = []
+    for where, role, pod in k8s.pod_specs():
+        if role.startswith("ray"):
+            name = where.replace("/", "-")
+            docs.append(
+                {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "vitpipe"}, "spec": pod}
+            )
+    assert len(docs) >= 8
+    docs += k8s.docs_of_kind("NetworkPolicy")
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+@pytest.fixture(scope="session")
+def checkov_runs(tmp_path_factory) -> dict[str, subprocess.Popen[str]]:
+    """Both checkov scans, started together (each takes tens of seconds, mostly waiting on its own start-up)."""
+    ray_dir = tmp_path_factory.mktemp("ray-pods")
+    (ray_dir / "ray-pods.yaml").write_text(ray_pods_as_manifests())
+    env = {**os.environ, "BC_SKIP_MAPPING": "TRUE"}
+    common = {"cwd": REPO, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "env": env}
+    binary = str(checkov_binary())
+    return {
+        "infra": subprocess.Popen([binary, "--config-file", str(CONFIG), "--output", "json"], **common),
+        "ray-pods": subprocess.Popen(
+            [binary, "--config-file", str(RAY_POD_CONFIG), "-d", str(ray_dir), "--output", "json"], **common
+        ),
+    }
+
+
+def _finish(process: subprocess.Popen[str]) -> tuple[int, str, str]:
+    stdout, stderr = process.communicate(timeout=600)
+    return process.returncode, stdout, stderr
+
+
+@pytest.fixture(scope="session")
+def checkov_reports(checkov_runs) -> dict[str, dict[str, Any]]:
+    """One checkov run over infra/ with the repository's config; reports by framework."""
+    return _reports(_finish(checkov_runs["infra"]))
+
+
+@pytest.fixture(scope="session")
+def ray_pod_report(checkov_runs) -> dict[str, Any]:
+    return _reports(_finish(checkov_runs["ray-pods"]))["kubernetes"]
+
+
+def test_ray_pods_pass_checkov(ray_pod_report):
+    summary = ray_pod_report["summary"]
+    assert summary["parsing_errors"] == 0 and summary["resource_count"] >= 8, summary
+    failed = [
+        f"{c['check_id']} {c['check_name']} -- {c['resource']}" for c in ray_pod_report["results"]["failed_checks"]
+    ]
+    assert not failed, "checkov failures in Ray Pods:\n" + "\n".join(failed)
+    passed = {check["check_id"] for check in ray_pod_report["results"]["passed_checks"]}
+    # The properties the Ray Pods depend on, now checked by checkov too (not only by test_infra_k8s.py).
+    assert passed >= {"CKV_K8S_20", "CKV_K8S_23", "CKV_K8S_37", "CKV_K8S_11", "CKV_K8S_15", "CKV2_K8S_6"}, passed
+    resources = {check["resource"] for check in ray_pod_report["results"]["passed_checks"]}
+    assert any("pretrain-vit-h14-gpu-h100" in r for r in resources) and any("submitter" in r for r in resources)
+
+
+def test_ray_pod_skips_are_listed_and_explained():
+    config = yaml.safe_load(RAY_POD_CONFIG.read_text())
+    assert set(config["skip-check"]) == RAY_POD_SKIPS
+    text = RAY_POD_CONFIG.read_text()
+    for check_id in RAY_POD_SKIPS:
+        assert re.search(rf"\n  # [^\n]+\n(  # [^\n]*\n|  - CKV_K8S_\d+\n)*  - {check_id}\n", text), check_id
+    # Everything skipped for the whole project is skipped here too, nothing more from the project list.
+    project = yaml.safe_load(CONFIG.read_text())["skip-check"]
+    assert {c for c in project if c.startswith("CKV_K8S")} <= RAY_POD_SKIPS
 
 
 def test_all_frameworks_scanned_without_parse_errors(checkov_reports):

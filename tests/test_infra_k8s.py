@@ -1,8 +1,9 @@
 """Offline checks of infra/k8s.
 
 - Core Kubernetes objects validate against the Kubernetes OpenAPI schemas shipped with kubernetes-validate.
-- RayCluster / RayJob objects validate against KubeRay's CRD schemas in ../shared/schemas/kuberay, converted
-  to JSON Schema the way the API server treats them (unknown fields rejected, int-or-string allowed).
+- RayCluster / RayJob objects validate against the CRD schemas of the released KubeRay v1.7.0 (what the pinned
+  chart installs) in ../shared/schemas/kuberay-1.7.0, converted to JSON Schema the way the API server treats
+  them (unknown fields rejected, int-or-string allowed). Without ../shared those tests skip, except in CI.
 - The properties the design relies on: no exposure outside the cluster, token auth, requests == limits,
   memory-backed /dev/shm, 8 GPUs per worker, image and rayVersion on the project's Ray pin, MLflow with auth.
 """
@@ -14,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from functools import cache
@@ -24,15 +26,21 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from fixtures.shared_data import SHARED_DIR_ENV, require_shared
 from packaging.specifiers import SpecifierSet
 
 REPO = Path(__file__).resolve().parent.parent
 K8S_DIR = REPO / "infra" / "k8s"
-KUBERAY_SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay"
+# The KubeRay release whose CRDs the manifests are validated against; install.sh pins the same chart.
+KUBERAY_SCHEMA_DIR = ("schemas", "kuberay-1.7.0")
 # Minimum and newest Kubernetes minor versions the manifests must be valid for (GKE release channels
 # move within this range; kubernetes-validate ships schemas for both).
 KUBERNETES_VERSIONS = ["1.33.0", "1.35.0"]
 RAY_KINDS = {"RayCluster", "RayJob"}
+# Custom resources of Kueue and Managed Prometheus: no schema for them ships with kubernetes-validate.
+OTHER_CRD_KINDS = {"ResourceFlavor", "ClusterQueue", "LocalQueue", "ProvisioningRequestConfig", "AdmissionCheck"}
+OTHER_CRD_KINDS |= {"PodMonitoring"}
+NAMESPACES = {"vitpipe", "mlflow"}
 AUTH_SECRET = ("ray-auth-token", "auth_token")
 
 
@@ -139,6 +147,7 @@ def terraform_default(variable: str) -> Any:
 def test_manifests_present():
     kinds = {doc["kind"] for _, doc in documents()}
     assert {"Namespace", "ServiceAccount", "NetworkPolicy", "Deployment", "Service", "ConfigMap"} <= kinds
+    assert {"ResourceFlavor", "ClusterQueue", "LocalQueue", "PodDisruptionBudget", "PodMonitoring"} <= kinds
     assert len(docs_of_kind("RayCluster")) == 1
     assert {doc["metadata"]["name"] for doc in docs_of_kind("RayJob")} == {"pretrain-vit-h14", "transfer-vit-h14"}
 
@@ -153,7 +162,7 @@ def test_render_sh_fills_every_placeholder():
 def test_core_objects_pass_kubernetes_validate(version):
     checked = 0
     for where, doc in documents():
-        if doc["kind"] in RAY_KINDS:
+        if doc["kind"] in RAY_KINDS | OTHER_CRD_KINDS:
             continue
         try:
             kubernetes_validate.validate(doc, version, strict=True)
@@ -193,8 +202,8 @@ def _to_json_schema(node: Any) -> Any:
 
 @cache
 def crd_schema(kind: str) -> dict[str, Any]:
-    path = KUBERAY_SCHEMAS / f"ray.io_{kind.lower()}s.yaml"
-    assert path.is_file(), f"{path} is missing: the KubeRay CRD schemas live in ../shared/schemas/kuberay"
+    path = require_shared(*KUBERAY_SCHEMA_DIR) / f"ray.io_{kind.lower()}s.yaml"
+    assert path.is_file(), f"{path} is missing from the KubeRay v1.7.0 CRD schemas"
     # The CRDs are megabytes of YAML: the C loader reads them ~10x faster when PyYAML has it.
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     assert crd["spec"]["names"]["kind"] == kind
@@ -260,17 +269,84 @@ def test_ray_head_services_are_cluster_ip():
 
 
 def test_networkpolicies_deny_by_default_and_open_only_what_is_needed():
-    policies = {doc["metadata"]["name"]: doc["spec"] for doc in docs_of_kind("NetworkPolicy")}
-    deny = [p for p in policies.values() if p["podSelector"] == {} and not p.get("ingress")]
-    assert deny and "Ingress" in deny[0]["policyTypes"], "a default-deny ingress policy for the namespace"
-    mlflow = policies["mlflow"]
+    policies = {
+        (doc["metadata"]["namespace"], doc["metadata"]["name"]): doc["spec"] for doc in docs_of_kind("NetworkPolicy")
+    }
+    for namespace in NAMESPACES:
+        deny = [
+            p for (ns, _), p in policies.items() if ns == namespace and p["podSelector"] == {} and "ingress" not in p
+        ]
+        assert deny, f"{namespace}: a default-deny policy"
+        assert set(deny[0]["policyTypes"]) == {"Ingress", "Egress"} and "egress" not in deny[0], namespace
+    mlflow = policies[("mlflow", "mlflow")]
     assert mlflow["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "mlflow"}
     assert [p["port"] for rule in mlflow["ingress"] for p in rule["ports"]] == [5000]
+    (source,) = mlflow["ingress"][0]["from"]
+    assert source["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "vitpipe"}
+    assert source["podSelector"]["matchLabels"] == {"vitpipe/component": "ray"}
     # Every Ray Pod carries the label the policies select on.
     for where, role, _ in pod_specs():
         if role in {"ray-head", "ray-worker"}:
             labels = _template_labels(where)
             assert labels.get("vitpipe/component") == "ray", where
+
+
+def _egress_destinations(spec: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+    out = []
+    for rule in spec.get("egress", []):
+        ports = tuple(sorted(p["port"] for p in rule.get("ports", [])))
+        for peer in rule["to"]:
+            if "ipBlock" in peer:
+                out.append((peer["ipBlock"]["cidr"], ports))
+            else:
+                out.append((yaml.safe_dump(peer, sort_keys=True), ports))
+    return out
+
+
+def test_egress_reaches_google_apis_privately_and_never_the_internet():
+    policies = {
+        (doc["metadata"]["namespace"], doc["metadata"]["name"]): doc["spec"] for doc in docs_of_kind("NetworkPolicy")
+    }
+    allowed_ip_blocks = {
+        "199.36.153.8/30": (443,),  # private.googleapis.com (infra/terraform/network.tf)
+        "169.254.169.254/32": (80,),  # GKE metadata server (Workload Identity)
+        "169.254.169.252/32": (988,),
+        "example-private-services-cidr": (3307,),  # Cloud SQL private IP
+    }
+    for (namespace, name), spec in policies.items():
+        for cidr, ports in _egress_destinations(spec):
+            if cidr.startswith("{") or cidr.startswith("namespaceSelector") or cidr.startswith("podSelector"):
+                continue
+            assert "0.0.0.0/0" not in cidr and not cidr.endswith("/0"), f"{namespace}/{name}: egress to the internet"
+            assert ports, f"{namespace}/{name}: egress to {cidr} on every port"
+            if cidr == "example-private-services-cidr":
+                assert ports in {(3307,), (6378,)}, f"{namespace}/{name}: {ports}"
+            else:
+                assert allowed_ip_blocks.get(cidr) == ports, f"{namespace}/{name}: egress to {cidr} {ports}"
+    ray = _egress_destinations(policies[("vitpipe", "ray-cluster")])
+    assert ("199.36.153.8/30", (443,)) in ray and ("example-private-services-cidr", (6378,)) in ray
+    submitter = policies[("vitpipe", "ray-submitter")]
+    assert {p["port"] for rule in submitter["egress"] for p in rule["ports"]} == {8265, 53}
+    mlflow = _egress_destinations(policies[("mlflow", "mlflow")])
+    assert ("example-private-services-cidr", (3307,)) in mlflow and ("199.36.153.8/30", (443,)) in mlflow
+
+
+def test_prometheus_scrapes_ray_metrics_and_the_policy_lets_it():
+    (monitor,) = docs_of_kind("PodMonitoring")
+    assert monitor["metadata"]["namespace"] == "vitpipe"
+    assert monitor["spec"]["selector"]["matchLabels"] == {"vitpipe/component": "ray"}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    for where, role, pod in pod_specs():
+        if role in {"ray-head", "ray-worker"}:
+            ports = {p["name"]: p["containerPort"] for c in pod["containers"] for p in c.get("ports", [])}
+            assert ports.get(endpoint["port"]) == 8080, f"{where}: Ray's metrics port is named {endpoint['port']}"
+    policy = next(doc["spec"] for doc in docs_of_kind("NetworkPolicy") if doc["metadata"]["name"] == "ray-cluster")
+    scrape = [
+        r
+        for r in policy["ingress"]
+        if r["from"][0].get("namespaceSelector", {}).get("matchLabels") == {"kubernetes.io/metadata.name": "gmp-system"}
+    ]
+    assert scrape and [p["port"] for p in scrape[0]["ports"]] == [8080]
 
 
 def _template_labels(where: str) -> dict[str, str]:
@@ -339,13 +415,47 @@ def test_gpu_workers_take_a_whole_8_gpu_node_and_tolerate_its_taint():
         assert "tolerations" not in head, f"{name}: the head must never hold a GPU node"
 
 
-def test_interactive_cluster_scales_gpu_workers_to_zero():
-    (cluster,) = docs_of_kind("RayCluster")
-    spec = cluster["spec"]
-    assert spec["enableInTreeAutoscaling"] is True
-    assert all(group["minReplicas"] == 0 for group in spec["workerGroupSpecs"])
+def test_gpu_clusters_are_fixed_gangs_that_kueue_admits_and_jobs_release_their_gpus():
+    """Kueue admits a workload's declared Pods; an autoscaler growing the cluster afterwards would bypass it."""
+    for name, spec in ray_cluster_specs():
+        assert not spec.get("enableInTreeAutoscaling"), f"{name}: the Ray autoscaler would grow past Kueue's admission"
+        assert "autoscalerOptions" not in spec, name
+        for group in spec["workerGroupSpecs"]:
+            assert group["minReplicas"] == group["replicas"] == group["maxReplicas"] >= 1, name
+    for doc in docs_of_kind("RayCluster", "RayJob"):
+        assert doc["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "vitpipe", doc["metadata"]["name"]
+    (queue,) = docs_of_kind("LocalQueue")
+    assert queue["metadata"]["name"] == "vitpipe" and queue["metadata"]["namespace"] == "vitpipe"
     for job in docs_of_kind("RayJob"):
         assert job["spec"]["shutdownAfterJobFinishes"] is True, job["metadata"]["name"]
+
+
+def test_long_runs_survive_routine_operations():
+    for job in docs_of_kind("RayJob"):
+        assert job["spec"]["backoffLimit"] >= 1, f"{job['metadata']['name']}: a failed attempt is retried"
+    (budget,) = docs_of_kind("PodDisruptionBudget")
+    assert budget["spec"]["maxUnavailable"] == 0
+    assert budget["spec"]["selector"]["matchLabels"] == {"vitpipe/component": "ray", "ray.io/node-type": "head"}
+    for name, spec in ray_cluster_specs():
+        annotations = spec["headGroupSpec"]["template"]["metadata"]["annotations"]
+        assert annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false", name
+        options = spec["gcsFaultToleranceOptions"]
+        assert options["redisAddress"] == "rediss://example-redis-address", f"{name}: GCS FT over TLS"
+        assert _secret_ref(options["redisPassword"]) == ("ray-redis", "auth_string"), name
+        head = spec["headGroupSpec"]["template"]["spec"]
+        (container,) = head["containers"]
+        ca = env_map(container)["RAY_REDIS_CA_CERT"]["value"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in head["volumes"]}
+        assert volumes[mounts[str(Path(ca).parent)]]["configMap"]["name"] == "ray-redis-ca", name
+
+
+def test_ray_logs_leave_the_pod():
+    """Ray's log files sit in an emptyDir that goes with the Pod (120 s after a RayJob ends): send them to stderr."""
+    for where, role, pod in pod_specs():
+        if role in {"ray-head", "ray-worker"}:
+            for container in pod["containers"]:
+                assert env_map(container)["RAY_LOG_TO_STDERR"]["value"] == "1", where
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -434,12 +544,20 @@ def test_mlflow_tracking_uri_points_at_the_in_cluster_service():
 
 
 def test_namespace_and_service_accounts_match_terraform():
-    namespace = terraform_default("k8s_namespace")
-    assert [d["metadata"]["name"] for d in docs_of_kind("Namespace")] == [namespace]
+    namespace, mlflow_namespace = terraform_default("k8s_namespace"), terraform_default("mlflow_namespace")
+    assert sorted(d["metadata"]["name"] for d in docs_of_kind("Namespace")) == sorted([namespace, mlflow_namespace])
+    cluster_scoped = {"Namespace", "ResourceFlavor", "ClusterQueue", "ProvisioningRequestConfig", "AdmissionCheck"}
     for where, doc in documents():
-        if doc["kind"] != "Namespace":
-            assert doc["metadata"].get("namespace") == namespace, f"{where} {doc['kind']}"
+        if doc["kind"] in cluster_scoped:
+            assert "namespace" not in doc["metadata"], f"{where} {doc['kind']} is cluster-scoped"
+            continue
+        expected = mlflow_namespace if where.startswith("mlflow/") else namespace
+        if doc["kind"] in {"NetworkPolicy", "ServiceAccount"}:
+            expected = doc["metadata"]["namespace"]
+            assert expected in {namespace, mlflow_namespace}, where
+        assert doc["metadata"].get("namespace") == expected, f"{where} {doc['kind']}"
     accounts = {d["metadata"]["name"]: d for d in docs_of_kind("ServiceAccount")}
+    assert accounts[terraform_default("mlflow_ksa_name")]["metadata"]["namespace"] == mlflow_namespace
     ray_ksa, mlflow_ksa = terraform_default("ray_ksa_name"), terraform_default("mlflow_ksa_name")
     assert set(accounts) == {ray_ksa, mlflow_ksa}
     for account in accounts.values():
@@ -456,8 +574,8 @@ def test_namespace_and_service_accounts_match_terraform():
 
 
 def test_pod_security_hardening():
-    ns = docs_of_kind("Namespace")[0]
-    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for ns in docs_of_kind("Namespace"):
+        assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted", ns["metadata"]["name"]
     for where, _, pod in pod_specs():
         pod_ctx = pod.get("securityContext", {})
         assert pod_ctx.get("runAsNonRoot") is True, where
@@ -513,15 +631,14 @@ def test_mlflow_server_auth_backend_and_artifacts():
     assert "--serve-artifacts" in args
     assert any(a.startswith("--artifacts-destination=gs://") for a in args)
     backend = next(a for a in args if a.startswith("--backend-store-uri="))
-    assert re.fullmatch(r"--backend-store-uri=postgresql://[a-z_]+@127\.0\.0\.1:5432/\w+", backend), (
-        "no password in the URI"
-    )
+    # The user is the service account's IAM database user (render.sh URL-encodes it); no password anywhere.
+    assert backend == "--backend-store-uri=postgresql://example-mlflow-db-user-uri@127.0.0.1:5432/mlflow"
     env = env_map(server)
-    assert _secret_ref(env["PGPASSWORD"]) == ("mlflow-db", "password")
+    assert not {name for name in env if name.startswith("PG")}, "IAM database authentication: no PGPASSWORD"
     for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
         assert _secret_ref(env[name])[0] == "mlflow-server", name
     allowed = env["MLFLOW_SERVER_ALLOWED_HOSTS"]["value"].split(",")
-    assert "mlflow.vitpipe.svc.cluster.local:*" in allowed and "localhost:*" in allowed
+    assert "mlflow.mlflow.svc.cluster.local:*" in allowed and "localhost:*" in allowed
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert server[probe]["httpGet"]["path"] == "/health", probe
 
@@ -532,6 +649,7 @@ def test_mlflow_uses_cloud_sql_auth_proxy_over_private_ip():
     assert proxy["restartPolicy"] == "Always", "native sidecar: starts before MLflow, runs beside it"
     assert proxy["image"].startswith("gcr.io/cloud-sql-connectors/cloud-sql-proxy:2.")
     assert "--private-ip" in proxy["args"]
+    assert "--auto-iam-authn" in proxy["args"], "the proxy logs in with the service account's IAM token"
     assert "--port=5432" in proxy["args"]
     assert "livenessProbe" in proxy and "startupProbe" in proxy
 
@@ -549,7 +667,7 @@ def test_mlflow_auth_config_holds_no_secret():
     (config,) = docs_of_kind("ConfigMap")
     ini = config["data"]["basic_auth.ini"]
     assert "admin_password" not in ini
-    assert re.search(r"database_uri = postgresql://[a-z_]+@127\.0\.0\.1:5432/\w+", ini)
+    assert "database_uri = postgresql://example-mlflow-db-user-uri@127.0.0.1:5432/mlflow_auth" in ini
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -557,13 +675,17 @@ def test_mlflow_auth_config_holds_no_secret():
 
 
 def test_kuberay_chart_version_matches_the_crd_schemas():
-    readme = (KUBERAY_SCHEMAS / "README.md").read_text()
-    match = re.search(r"`kuberay-operator`\s+(\d+\.\d+\.\d+)", readme)
-    assert match, "the schema README names the chart version"
     install = (K8S_DIR / "kuberay-operator" / "install.sh").read_text()
     pinned = re.search(r'^CHART_VERSION="([^"]+)"', install, re.M)
-    assert pinned and pinned.group(1) == match.group(1)
+    assert pinned and pinned.group(1) == "1.7.0" == KUBERAY_SCHEMA_DIR[1].removeprefix("kuberay-")
     assert '--version "${CHART_VERSION}"' in install
+    assert "kuberay-1.7.0" in install and "schemas/kuberay/" not in install and "schemas/kuberay " not in install
+    values = yaml.safe_load((K8S_DIR / "kuberay-operator" / "values.yaml").read_text())
+    assert values["image"]["tag"] == f"v{pinned.group(1)}", "operator image and chart from the same release"
+    readme = (require_shared(*KUBERAY_SCHEMA_DIR) / "README.md").read_text()
+    match = re.search(r"`kuberay-operator`\s+(\d+\.\d+\.\d+)", readme)
+    assert match, "the schema README names the chart version"
+    assert pinned.group(1) == match.group(1)
 
 
 def test_kuberay_operator_values():
@@ -596,3 +718,36 @@ def test_render_sh_writes_filled_manifests(tmp_path):
         ["bash", str(copy_dir / "render.sh")], env=env, capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode != 0 and "NOT_A_VARIABLE" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------------
+# a clone without ../shared
+
+
+def _run_shared_tests(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env[SHARED_DIR_ENV] = str(tmp_path / "no-shared-here")
+    if ci is not None:
+        env["CI"] = ci
+    selection = "ray_objects_validate_against_kuberay_crds or kuberay_chart_version"
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", selection, __file__],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_without_shared_dir_tests_skip_with_a_reason_outside_ci_and_fail_in_ci(tmp_path):
+    local = _run_shared_tests(tmp_path, ci=None)
+    assert local.returncode == 0, local.stdout[-3000:]
+    assert re.search(r"\b3 skipped\b", local.stdout), local.stdout[-3000:]
+    # One line says why (pytest groups identical reasons): the missing path and how to point elsewhere.
+    (reason,) = [line for line in local.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert reason.startswith("SKIPPED [3]") and "no-shared-here" in reason and SHARED_DIR_ENV in reason, reason
+    ci = _run_shared_tests(tmp_path, ci="true")
+    assert ci.returncode == 1, ci.stdout[-3000:]
+    assert re.search(r"\b3 failed\b", ci.stdout) and "CI=true" in ci.stdout, ci.stdout[-3000:]

@@ -199,7 +199,11 @@ def test_references_point_at_declared_things(resources, variables, locals_, pars
     }
     assert referenced - declared == set(), f"undeclared resources: {sorted(referenced - declared)}"
     declared_data = {
-        f"{rtype}.{name}" for doc in parsed.values() for e in doc.get("data", []) for rtype, d in e.items() for name in d
+        f"{rtype}.{name}"
+        for doc in parsed.values()
+        for e in doc.get("data", [])
+        for rtype, d in e.items()
+        for name in d
     }
     used_data = set(re.findall(r"\bdata\.((?:google)_[a-z0-9_]+\.[a-z0-9_]+)", text))
     assert used_data <= declared_data, f"undeclared data sources: {sorted(used_data - declared_data)}"

@@ -24,13 +24,20 @@ tf_output() {
 : "${CHECKPOINTS_BUCKET:=$(tf_output checkpoints_bucket)}"
 : "${MLFLOW_ARTIFACTS_BUCKET:=$(tf_output mlflow_artifacts_bucket)}"
 : "${CLOUDSQL_CONNECTION_NAME:=$(tf_output cloudsql_connection_name)}"
+# MLflow's PostgreSQL user is its service account (IAM database authentication); '@' must be
+# URL-encoded inside a postgresql:// URI.
+: "${MLFLOW_DB_USER_URI:=$(tf_output mlflow_db_user | sed 's/@/%40/g')}"
+# Memorystore (Ray GCS fault tolerance) and the peered range holding it and Cloud SQL (egress policies).
+: "${REDIS_ADDRESS:=$(tf_output redis_address)}"
+: "${PRIVATE_SERVICES_CIDR:=$(tf_output private_services_cidr)}"
 # Where the training shards are, relative to the shards bucket (what jobs/prepare_data.py wrote).
 : "${TRAIN_DATA:=jft/train.manifest.json}"
 # What the transfer job fine-tunes: by default the export of the vit_h14_jft pretraining run.
 : "${PRETRAINED_URI:=gs://${CHECKPOINTS_BUCKET}/runs/vit_h14_jft/export}"
 
 VARS=(REGISTRY RAY_GSA_EMAIL MLFLOW_GSA_EMAIL SHARDS_BUCKET CHECKPOINTS_BUCKET
-      MLFLOW_ARTIFACTS_BUCKET CLOUDSQL_CONNECTION_NAME TRAIN_DATA PRETRAINED_URI)
+      MLFLOW_ARTIFACTS_BUCKET CLOUDSQL_CONNECTION_NAME MLFLOW_DB_USER_URI REDIS_ADDRESS
+      PRIVATE_SERVICES_CIDR TRAIN_DATA PRETRAINED_URI)
 
 rm -rf "${OUT}"
 cd "${HERE}"

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Install or upgrade the KubeRay operator with the pinned chart version and values.yaml.
 #
-# The chart version matches the KubeRay CRD schemas the manifests in infra/k8s/ray are validated
-# against (../shared/schemas/kuberay, see its README). The token-auth integration used by the
-# RayJobs (spec.rayClusterSpec.authOptions) needs CRDs that have authOptions; this script checks
-# that after installing and tells you if they do not.
+# Chart 1.7.0 installs the CRDs of the released KubeRay v1.7.0, the schemas the manifests in
+# infra/k8s/ray are validated against (../shared/schemas/kuberay-1.7.0, tests/test_infra_k8s.py).
+# They have spec.authOptions (token authentication) and gcsFaultToleranceOptions, which the Ray
+# manifests use; the script stops if the installed CRD lacks them, e.g. because an older chart's
+# CRDs were left behind (Helm never upgrades CRDs: apply them with `kubectl apply --server-side -f`
+# from the chart's crds/ folder first).
 set -euo pipefail
 
-CHART_VERSION="1.1.0"
+CHART_VERSION="1.7.0"
 NAMESPACE="kuberay-system"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 
@@ -19,10 +21,10 @@ helm upgrade --install kuberay-operator kuberay/kuberay-operator \
   --values "${HERE}/values.yaml" \
   --wait
 
-if ! kubectl explain raycluster.spec.authOptions >/dev/null 2>&1; then
-  echo "WARNING: the installed RayCluster CRD has no spec.authOptions." >&2
-  echo "  Ray Pods still enforce token auth (RAY_AUTH_MODE/RAY_AUTH_TOKEN are set on them), but the" >&2
-  echo "  operator cannot follow RayJobs on a token-protected cluster. Install a KubeRay release with" >&2
-  echo "  authOptions (>= 1.5.1), e.g. the chart from the KubeRay commit named in" >&2
-  echo "  ../shared/schemas/kuberay/README.md: helm upgrade --install kuberay-operator <kuberay>/helm-chart/kuberay-operator ..." >&2
-fi
+for field in raycluster.spec.authOptions.secretName raycluster.spec.gcsFaultToleranceOptions rayjob.spec.backoffLimit; do
+  if ! kubectl explain "${field}" >/dev/null 2>&1; then
+    echo "ERROR: the installed KubeRay CRDs have no ${field}; they are older than chart ${CHART_VERSION}." >&2
+    echo "  helm pull kuberay/kuberay-operator --version ${CHART_VERSION} --untar && kubectl apply --server-side -f kuberay-operator/crds/" >&2
+    exit 1
+  fi
+done
