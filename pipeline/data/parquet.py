@@ -97,7 +97,7 @@ def _labels(value: Any, column: str) -> tuple[int, tuple[int, ...] | None]:
     return int(value), None
 
 
-def _row_group_part(file_url: str, group: int, image_column: str, label_column: str) -> SourcePart:
+def _row_group_part(file_url: str, group: int, rows: int, image_column: str, label_column: str) -> SourcePart:
     stem = posixpath.splitext(file_url.rsplit("/", 1)[-1])[0]
     prefix = re.sub(r"[^A-Za-z0-9_-]+", "_", stem)
 
@@ -117,7 +117,7 @@ def _row_group_part(file_url: str, group: int, image_column: str, label_column: 
                 labels=all_labels,
             )
 
-    return SourcePart(f"{stem}-rg{group:05d}", read)
+    return SourcePart(f"{stem}-rg{group:05d}", read, rows)
 
 
 def parquet_source(root_text: str, *, image_column: str = "image", label_column: str = "label") -> Source:
@@ -148,8 +148,10 @@ def parquet_source(root_text: str, *, image_column: str = "image", label_column:
                 labels = parquet.read(columns=[label_column]).column(label_column).to_pylist()
                 flat = [x for v in labels for x in (v if isinstance(v, list) else [v]) if x is not None]
                 largest = max([largest, *flat])
-            groups = parquet.num_row_groups
-        parts.setdefault(split, []).extend(_row_group_part(url, g, image_column, label_column) for g in range(groups))
+            rows = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+        parts.setdefault(split, []).extend(
+            _row_group_part(url, g, n, image_column, label_column) for g, n in enumerate(rows)
+        )
     if not parts:
         raise SourceError(
             f"{root}: no Parquet file of a known split (train, validation, test); found {sorted(ignored)}"

@@ -55,6 +55,7 @@ class SourcePart:
 
     name: str
     read: Callable[[], Iterator[SourceSample]]
+    size: int | None = None  # samples, when known without reading the part (for the progress bar's ETA)
 
 
 @dataclass
@@ -79,7 +80,11 @@ def split_parts(source: Source, split: str, part_size: int = 1000) -> list[Sourc
         raise SourceError(f"{source.name} has no {split!r} split; it has {', '.join(source.split_names())}")
     samples = source.splits[split]
     return [
-        SourcePart(f"{split}-{start:09d}", lambda chunk=samples[start : start + part_size]: iter(chunk))
+        SourcePart(
+            f"{split}-{start:09d}",
+            lambda chunk=samples[start : start + part_size]: iter(chunk),
+            len(samples[start : start + part_size]),
+        )
         for start in range(0, len(samples), part_size)
     ]
 
