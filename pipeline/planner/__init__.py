@@ -8,6 +8,8 @@ and the cluster's size; nothing imports DeepSpeed or touches a GPU. The modules,
 * ``costs``    — communication, step time and the loader's data rate.
 * ``fit``      — ``PlanRequest``, the recommended setting, and ``preflight`` (the hook ``jobs/pretrain.py`` calls).
 * ``report``   — ``plan(request)`` gathers a ``ScalePlan``; ``format_plan`` prints it (``jobs/plan.py``).
+* ``finetune`` — memory of a fine-tuning (transfer) run on one GPU and the largest micro-batch that fits
+  (``plan_transfer_memory``; ``jobs/plan.py --transfer``).
 
 The names callers use are re-exported here, so ``from pipeline import planner; planner.preflight(...)`` works.
 """
@@ -24,6 +26,17 @@ from pipeline.planner.costs import (
     comm_bytes_per_step,
     comm_seconds,
     step_seconds,
+)
+from pipeline.planner.finetune import (
+    FINETUNE_BATCH,
+    FINETUNE_MOMENTUM,
+    FinetuneMemory,
+    TransferMemoryPlan,
+    estimate_finetune_memory,
+    finetune_activation_bytes,
+    finetune_activation_bytes_per_layer,
+    format_transfer_memory,
+    plan_transfer_memory,
 )
 from pipeline.planner.fit import (
     PlanError,
@@ -62,6 +75,8 @@ __all__ = [
     "DEFAULT_IMAGE_BYTES",
     "DEFAULT_NET_GBITS_PER_GPU",
     "DEFAULT_SHARD_BYTES",
+    "FINETUNE_BATCH",
+    "FINETUNE_MOMENTUM",
     "GIB",
     "GPUS",
     "LOADER_IMAGES_PER_SEC_PER_CORE",
@@ -69,6 +84,7 @@ __all__ = [
     "TPUV3_CORE_PEAK_FLOPS",
     "ZERO_STAGES",
     "DataRate",
+    "FinetuneMemory",
     "GpuSpec",
     "MemoryEstimate",
     "ModelFacts",
@@ -81,16 +97,22 @@ __all__ = [
     "Recommendation",
     "ScalePlan",
     "TimeEstimate",
+    "TransferMemoryPlan",
     "activation_bytes",
     "activation_bytes_per_layer",
     "comm_bytes_per_step",
     "comm_seconds",
     "cpu_device",
     "detect_gpu",
+    "estimate_finetune_memory",
     "estimate_memory",
+    "finetune_activation_bytes",
+    "finetune_activation_bytes_per_layer",
     "format_plan",
+    "format_transfer_memory",
     "model_state_bytes",
     "plan",
+    "plan_transfer_memory",
     "preflight",
     "recommend",
     "request_from_config",
