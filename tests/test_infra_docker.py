@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import tomllib
 from pathlib import Path
@@ -65,15 +66,75 @@ def final_user(path: Path) -> str:
     return users[-1]
 
 
+def torch_cuda_version() -> str:
+    """The CUDA version the pinned torch wheel is built for, read from the installed torch (no import)."""
+    spec = importlib.util.find_spec("torch")
+    assert spec and spec.origin, "torch is part of the project's environment"
+    text = (Path(spec.origin).parent / "version.py").read_text()
+    version = re.search(r"^__version__ = '([^']+)'", text, re.M).group(1)
+    assert version.split("+")[0] == str(project_requirements()["torch"].specifier).removeprefix("=="), version
+    match = re.search(r"^cuda: .*= '(\d+\.\d+)'", text, re.M)
+    assert match, f"torch {version} is not a CUDA build"
+    return match.group(1)
+
+
 def test_ray_base_image_matches_the_ray_pin_and_python():
     image = base_image(RAY_DOCKERFILE)
-    match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-gpu", image)
-    assert match, f"{image}: pin an exact rayproject/ray GPU tag"
-    ray_version, py_major, py_minor = match.groups()
+    match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-cu(\d+)", image)
+    assert match, f"{image}: pin an exact rayproject/ray tag with its CUDA flavour (-cuXYZ), not the moving -gpu"
+    ray_version, py_major, py_minor, _ = match.groups()
     assert project_requirements()["ray"].specifier.contains(ray_version), (
         f"base image Ray {ray_version} vs pyproject {project_requirements()['ray']}"
     )
     assert f"{py_major}.{py_minor}" in project()["requires-python"].replace(">=", "").replace("<", " ")
+
+
+def test_base_image_cuda_is_the_cuda_torch_is_built_for():
+    """DeepSpeed refuses to build ops when nvcc's CUDA major differs from torch's; torch 2.14.1 is a cu130 wheel."""
+    cuda = torch_cuda_version()
+    flavour = re.search(r"-cu(\d+)$", base_image(RAY_DOCKERFILE)).group(1)
+    assert flavour == cuda.replace(".", ""), f"base image cu{flavour}, torch built for CUDA {cuda}"
+    runs = " ".join(args for keyword, args in instructions(RAY_DOCKERFILE) if keyword == "RUN")
+    major = cuda.split(".")[0]
+    assert f'grep -q "release {major}\\."' in runs, "the build checks nvcc's CUDA major"
+    assert f"torch.version.cuda.startswith('{major}.')" in runs
+
+
+def _env(path: Path) -> dict[str, str]:
+    out = {}
+    for keyword, args in instructions(path):
+        if keyword == "ENV":
+            out.update(re.findall(r'(\w+)="?([^"\s]*)"?', args))
+    return out
+
+
+def deepspeed_ops_the_engine_can_load() -> set[str]:
+    """DS_BUILD_* names of the CUDA ops the DeepSpeed config of pipeline/pretrain/engine.py makes DeepSpeed load."""
+    engine = (REPO / "pipeline" / "pretrain" / "engine.py").read_text()
+    optimizer = re.search(r'"optimizer":\s*\{"type":\s*"(\w+)"', engine)
+    assert optimizer, "engine.py names DeepSpeed's optimizer type"
+    ops = {"FUSED_ADAM"} if optimizer.group(1).lower() in {"adam", "adamw"} else {f"FUSED_{optimizer.group(1).upper()}"}
+    if "offload_optimizer" in engine:
+        ops.add("CPU_ADAM")
+    if "nvme" in engine:
+        ops.add("AIO")
+    return ops
+
+
+def test_deepspeed_ops_are_prebuilt_for_sm90():
+    env = _env(RAY_DOCKERFILE)
+    assert env["TORCH_CUDA_ARCH_LIST"] == "9.0", "H100 = sm_90"
+    assert env["DS_BUILD_OPS"] == "0", "build only what the engine uses"
+    built = {
+        name.removeprefix("DS_BUILD_") for name, value in env.items() if name.startswith("DS_BUILD_") and value == "1"
+    }
+    assert built == deepspeed_ops_the_engine_can_load() and built
+    install = next(args for keyword, args in instructions(RAY_DOCKERFILE) if keyword == "RUN" and "deepspeed==" in args)
+    assert "--no-build-isolation" in install and "ds_report" in install
+    # The ENV line comes before the install it configures.
+    steps = [(keyword, args) for keyword, args in instructions(RAY_DOCKERFILE)]
+    env_index = next(i for i, (k, a) in enumerate(steps) if k == "ENV" and "DS_BUILD_OPS" in a)
+    assert env_index < steps.index(("RUN", install))
 
 
 def test_training_stack_pins_equal_pyproject():
