@@ -25,7 +25,12 @@ def parse_args(argv: list[str] | None = None) -> PrepareOptions:
     parser.add_argument("--input", help="the dataset's directory as its publisher ships it (not for digits/lfw)")
     parser.add_argument("--out", required=True, help="output directory URL: file://, gs:// or memory://")
     parser.add_argument("--split", default="train", choices=[*SPLITS, "all"])
-    parser.add_argument("--shard-size", default="256MB", type=parse_size, help="max bytes per shard (e.g. 256MB)")
+    parser.add_argument(
+        "--shard-size",
+        default="256MB",
+        type=parse_size,
+        help="close a shard once its samples hold this many bytes (e.g. 256MB)",
+    )
     parser.add_argument("--samples-per-shard", type=int, help="also cap each shard at this many samples")
     parser.add_argument("--classes", help="keep these class indices, relabelled 0..k-1: '0-4' or '5,6,7'")
     parser.add_argument("--per-class", type=int, help="keep at most N samples per class (deterministic)")

@@ -256,3 +256,35 @@ def test_option_parsers():
     assert parse_classes("0-4", 10) == [0, 1, 2, 3, 4] and parse_classes("5,6,7", 10) == [5, 6, 7]
     with pytest.raises(ValueError, match="--shard-size"):
         parse_size("lots")
+
+
+def test_shard_writer_cuts_shards_by_bytes_and_writes_no_empty_shard(tmp_path):
+    from pipeline.data.shards import ShardWriter
+
+    images = [_jpeg(i) for i in range(9)]
+    writer = ShardWriter(f"file://{tmp_path}/cut", "train", max_bytes=3 * len(images[0]))
+    for i, image in enumerate(images):
+        writer.write(f"k{i}", image, i % 3)
+    records = writer.close()
+    # A shard closes once its samples hold max_bytes: about three of these nearly equal-sized JPEGs each.
+    assert [r.name for r in records] == [f"train-00000{i}.tar" for i in range(len(records))]
+    assert 2 <= len(records) <= 4 and sum(r.samples for r in records) == 9
+    read = [(s.key, s.image, s.label) for r in records for s in iter_shard(f"file://{tmp_path}/cut/{r.name}")]
+    assert read == [(f"k{i}", image, i % 3) for i, image in enumerate(images)]
+
+    assert ShardWriter(f"file://{tmp_path}/none", "train", max_bytes=1000).close() == []
+    assert not (tmp_path / "none").exists()
+
+
+def test_shard_writer_left_by_an_exception_uploads_nothing_of_its_last_shard(tmp_path):
+    from pipeline.data.shards import ShardWriter
+
+    with (
+        pytest.raises(KeyboardInterrupt),
+        ShardWriter(f"file://{tmp_path}/out", "train", max_bytes=1 << 30, max_samples=2) as writer,
+    ):
+        for i in range(3):
+            writer.write(f"k{i}", _jpeg(i), 0)
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train-000000.tar"]
+    assert [s.key for s in iter_shard(f"file://{tmp_path}/out/train-000000.tar")] == ["k0", "k1"]

@@ -296,3 +296,16 @@ def test_a_tar_cut_anywhere_reports_one_bad_sample_instead_of_ending_quietly(tmp
     for keep in (len(data), end_of_members + 512):
         path.write_bytes(data[:keep])
         assert [(s.key, s.error) for s in iter_shard(f"file://{path}")] == [(f"k{i:02d}", None) for i in range(4)]
+
+
+def test_a_member_repeated_inside_one_sample_makes_that_sample_a_duplicate(tmp_path):
+    members = [*_good("k", range(2)), ("k01.cls", b"2"), *_good("k", range(2, 4))]  # k01.cls twice in a row
+    path = tmp_path / "repeated.tar"
+    path.write_bytes(_tar(members)[0])
+    samples = [(s.key, s.error) for s in iter_shard(f"file://{path}")]
+    assert samples == [
+        ("k00", None),
+        ("k01", "duplicate key (already seen in this shard)"),
+        ("k02", None),
+        ("k03", None),
+    ]

@@ -125,6 +125,7 @@ class ShardWriter:
         self._file: IO[bytes] | None = None
         self._count = 0  # samples in the shard being written
         self._keys: set[str] = set()
+        self._closed = False
         self._shards = webdataset.ShardWriter(
             f"{self._tmpdir.name}/{split}-%06d.tar",
             maxcount=max_samples or sys.maxsize,
@@ -178,10 +179,14 @@ class ShardWriter:
         """Finish and upload the last shard; the records of all shards, in order."""
         self._shards.close()
         self._tmpdir.cleanup()
+        self._closed = True
         return self.records
 
     def discard(self) -> None:
         """Drop the shard being written, without uploading it (the shards before it are complete and stay)."""
+        if self._closed:
+            return
+        self._closed = True
         self._shards.post = None
         self._shards.close()
         if self._file is not None:
@@ -253,6 +258,14 @@ class _ShardReader:
         self.grouping: str | None = None  # key of the sample ``group_by_keys`` holds (the last member passed on)
         self.reading: str | None = None  # key of the member being read (its header is parsed)
         self.duplicates: set[str] = set()
+        self._split: tuple[str, tuple[str | None, str | None]] = ("", (None, None))
+
+    def split_name(self, name: str) -> tuple[str | None, str | None]:
+        """``base_plus_ext``, remembering the last name: ``group_by_keys`` splits each name again right after
+        ``members`` did, and the regular expression is a large part of the cost of reading a sample."""
+        if self._split[0] != name:
+            self._split = (name, base_plus_ext(name))
+        return self._split[1]
 
     def members(self, stream: IO[bytes]) -> Iterator[dict[str, Any]]:
         """The regular members in stored order, as ``tariterators.tar_file_iterator`` yields them; raises
@@ -260,7 +273,7 @@ class _ShardReader:
         # Not tar_file_iterator: it opens the tar itself, so a cut at a member boundary would end it quietly.
         with tarfile.open(fileobj=stream, mode="r|", tarinfo=_EndCheckedTarInfo) as tar:
             for info in tar:
-                key = base_plus_ext(info.name)[0]
+                key = self.split_name(info.name)[0]
                 if not info.isfile() or key is None:  # a name without an extension is no sample's (webdataset)
                     continue
                 self.reading = key
@@ -299,7 +312,8 @@ def iter_shard(url: str) -> Iterator[RawSample]:
     seen: set[str] = set()
     try:
         with storage.open_read(url, streaming=True) as f:
-            for sample in group_by_keys(reader.members(f), handler=reader.on_group_error):
+            grouped = group_by_keys(reader.members(f), keys=reader.split_name, handler=reader.on_group_error)
+            for sample in grouped:
                 key = sample["__key__"]
                 yield _raw_sample(sample, duplicate=key in seen or key in reader.duplicates)
                 seen.add(key)
