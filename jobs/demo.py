@@ -8,7 +8,9 @@ Each stage is the command a user would type, run as its own process and printed 
 2. pretrain: the `tiny` preset (ViT-Mi/4 at 32 px, 2 Ray workers, DeepSpeed ZeRO-2, fp32 on CPU);
 3. transfer: fine-tune the exported model on both benchmarks (2 learning rates, 3 seeds), few-shot linear eval,
    and the same fine-tuning from scratch as the baseline;
-4. compare: the table (Markdown, CSV, PNG) next to the paper's numbers.
+4. compare: the table (Markdown, CSV, PNG) next to the paper's numbers;
+5. analyze: the paper's Figure 6 and 7 analyses of the pretrained model on its own images (PNGs in runs/analysis,
+   also logged to the pretraining's MLflow run).
 Everything is tracked in MLflow (SQLite, runs/mlflow.db): `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`.
 
 Running it again reuses the prepared data and the finished pretraining run (same run name), and runs a new
@@ -31,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline import storage  # noqa: E402
 from pipeline.config import default_runs_root, presets  # noqa: E402
 from pipeline.config.transfer import local_data_root  # noqa: E402
+from pipeline.export import export_metadata  # noqa: E402
 from pipeline.transfer import tasks as benchmarks  # noqa: E402
 
 TRANSFER_BENCHMARKS = ("digits_heldout", "lfw")
@@ -85,9 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     if not export:
         raise SystemExit("demo: pretraining printed no export URL")
 
+    export_url = export.group(1).rstrip(";")
+
     out = run_stage(
         "transfer",
-        f"python jobs/transfer.py --pretrained {export.group(1).rstrip(';')} "
+        f"python jobs/transfer.py --pretrained {export_url} "
         f"--benchmarks {','.join(TRANSFER_BENCHMARKS)} --fewshot 1,5,10 --scratch --label tiny-digits",
     )
     parent = re.search(r"transfer: parent run (\w+)", out)
@@ -96,9 +101,18 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = default_runs_root() + "/compare"
     run_stage("compare", f"python jobs/compare.py --runs {parent.group(1)} --out {out_dir}")
+
+    analysis_dir = default_runs_root() + "/analysis"
+    pretrain_run = export_metadata(export_url).get("mlflow_run_id")
+    run_stage(
+        "analyze",
+        f"python jobs/analyze.py --model {export_url} --data {presets.demo_data_url()} --out {analysis_dir}"
+        + (f" --run-id {pretrain_run}" if pretrain_run else ""),
+    )
     print(
         f"\ndemo: done in {(time.monotonic() - started) / 60:.1f} min. Table and chart: {out_dir}/comparison.md, "
-        f"comparison.png. MLflow: .venv/bin/mlflow ui --backend-store-uri sqlite:///{ROOT}/runs/mlflow.db"
+        f"comparison.png. Analysis figures: {analysis_dir}. "
+        f"MLflow: .venv/bin/mlflow ui --backend-store-uri sqlite:///{ROOT}/runs/mlflow.db"
     )
     return 0
 

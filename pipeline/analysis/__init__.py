@@ -73,7 +73,10 @@ def check_model(model: str, *, variant: str | None = None) -> ModelSource:
             raise AnalysisError(
                 f"--model: {exc} An official checkpoint must end in .npz, a timm one in {', '.join(TORCH_SUFFIXES)}."
             ) from None
-        return ModelSource("export", url, info["spec"]["variant"], f"ViT-{info['spec']['variant']} ({name})")
+        variant, metadata = info["spec"]["variant"], info.get("metadata", {})
+        if "run_name" in metadata:  # say which pretraining run, and how far it got
+            name = metadata["run_name"] + (f", step {metadata['step']}" if "step" in metadata else "")
+        return ModelSource("export", url, variant, f"ViT-{variant} ({name})")
     if not storage.exists(url):
         raise AnalysisError(f"--model: {url} does not exist")
     if variant is None:

@@ -30,7 +30,7 @@ def plot_components(components: Components, path: Path, *, title: str) -> Path:
     count = len(patches)
     cols = min(7, count)
     rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.1 * cols, 1.1 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.1 * cols, 1.1 * rows + 0.6), squeeze=False, layout="constrained")
     for i, ax in enumerate(axes.flat):
         ax.set_axis_off()
         if i >= count:
@@ -41,7 +41,6 @@ def plot_components(components: Components, path: Path, *, title: str) -> Path:
         ax.imshow(_unit_range(image), cmap=None if image.ndim == 3 else "gray", interpolation="nearest")
         ax.set_title(f"{i + 1}: {100 * float(components.explained[i]):.0f}%", fontsize=6, pad=2)
     fig.suptitle(f"{title}\nRGB embedding filters (first {count} principal components, % of variance)", fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
@@ -57,7 +56,7 @@ def plot_position_similarity(similarity: torch.Tensor, path: Path, *, title: str
         for c in range(grid):
             mosaic[r * step : r * step + grid, c * step : c * step + grid] = similarity[r, c].numpy()
     size = min(9.0, 3.0 + 0.3 * grid)
-    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    fig, ax = plt.subplots(figsize=(size + 1.2, size), layout="constrained")
     cmap = plt.get_cmap("viridis").copy()
     cmap.set_bad("white")
     image = ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
@@ -71,7 +70,6 @@ def plot_position_similarity(similarity: torch.Tensor, path: Path, *, title: str
         spine.set_visible(False)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, label="Cosine similarity")
     ax.set_title(f"{title}\nPosition embedding similarity", fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
@@ -82,7 +80,7 @@ def plot_attention_distance(
 ) -> Path:
     """Figure 7 right: one point per head at each depth; the dashed line is what uniform attention would give."""
     layers, heads = distances.shape
-    fig, ax = plt.subplots(figsize=(4.6, 3.6))
+    fig, ax = plt.subplots(figsize=(4.6, 3.6), layout="constrained")
     depth = np.arange(1, layers + 1)
     for h in range(heads):
         # small horizontal offsets keep heads with equal distances apart
@@ -96,7 +94,6 @@ def plot_attention_distance(
     ax.set_title(f"{title}\n{image_size} px images, {images} images", fontsize=9)
     if heads <= 16:
         ax.legend(fontsize=6, ncol=2 if heads > 6 else 1, loc="lower right")
-    fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
@@ -113,7 +110,7 @@ def plot_rollout(images: torch.Tensor, maps: torch.Tensor, path: Path, *, title:
     masks = F.interpolate(maps[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
     peak = masks.flatten(1).max(dim=1).values.clamp_min(1e-12)
     masks = (masks / peak[:, None, None]).clamp(0, 1)
-    fig, axes = plt.subplots(2, count, figsize=(1.7 * count, 3.8), squeeze=False)
+    fig, axes = plt.subplots(2, count, figsize=(1.7 * count, 4.0), squeeze=False, layout="constrained")
     for i in range(count):
         picture = images[i].permute(1, 2, 0).float().numpy() / 255.0
         axes[0, i].imshow(picture, interpolation="nearest")
@@ -123,7 +120,6 @@ def plot_rollout(images: torch.Tensor, maps: torch.Tensor, path: Path, *, title:
     axes[0, 0].set_title("Input", fontsize=8, loc="left")
     axes[1, 0].set_title("Attention rollout", fontsize=8, loc="left")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
