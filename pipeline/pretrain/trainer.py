@@ -162,7 +162,7 @@ class Trainer:
             self.maybe_checkpoint()
             if self.ledger is not None:
                 self.ledger.record(self.step, keys, epochs)
-            faults.fire("after_step", step=self.step, rank=self.rank, run_dir=plan.run_dir)  # tests only
+            faults.fire("after_step", step=self.step, rank=self.rank, run_dir=plan.run_dir)  # tests only: see faults.py
         exported = self.step >= plan.total_steps
         export_uri = self.export() if exported else None
         self.report(exported, export_uri)
