@@ -9,8 +9,8 @@ Each stage is the command a user would type, run as its own process and printed 
 3. transfer: fine-tune the exported model on both benchmarks (2 learning rates, 3 seeds), few-shot linear eval,
    and the same fine-tuning from scratch as the baseline;
 4. compare: the table (Markdown, CSV, PNG) next to the paper's numbers;
-5. analyze: the paper's Figure 6 and 7 analyses of the pretrained model on its own images (PNGs in runs/analysis,
-   also logged to the pretraining's MLflow run).
+5. analyze: the paper's Figure 6 and 7 analyses of the pretrained model on its own images (PNGs in
+   runs/<run name>/analysis, also logged to the pretraining's MLflow run).
 Everything is tracked in MLflow (SQLite, runs/mlflow.db): `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`.
 
 Running it again reuses the prepared data and the finished pretraining run (same run name), and runs a new
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = default_runs_root() + "/compare"
     run_stage("compare", f"python jobs/compare.py --runs {parent.group(1)} --out {out_dir}")
 
-    analysis_dir = default_runs_root() + "/analysis"
+    analysis_dir = f"{default_runs_root()}/{args.run_name}/analysis"  # beside the run's export
     pretrain_run = export_metadata(export_url).get("mlflow_run_id")
     run_stage(
         "analyze",
