@@ -1,5 +1,6 @@
 """Plan a pretraining run before launching it: memory per GPU by ZeRO stage, the recommended stage / micro-batch /
 accumulation, communication per step, the loader's data rate, wall-clock and GPU-hours, and the ViT paper's cost.
+With --transfer, plan fine-tuning memory instead: one GPU, the paper's batch 512, a table per benchmark resolution.
 
 From a preset (pipeline/presets.py; `--set` overrides as in jobs/pretrain.py):
 
@@ -9,6 +10,11 @@ Or explicitly, without a preset:
 
     python jobs/plan.py --variant H/14 --global-batch 4096 --epochs 14 --dataset-images 303000000 \\
         --num-classes 18291 --representation-size 1280 --nodes 32 --gpus-per-node 8 --gpu h100
+
+Fine-tuning memory per micro-batch, activation checkpointing off and on, at the paper's resolutions for the model
+(384 px; 512 for L/16, 518 for H/14):
+
+    python jobs/plan.py --transfer --variant H/14 --gpu h100
 
 Nothing is launched and no GPU is needed. Exit codes: 0 the configuration fits, 1 it does not (the reasons name
 the fix), 2 bad arguments or configuration.
@@ -81,7 +87,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--net-gbps", type=float, default=planner.DEFAULT_NET_GBITS_PER_GPU, help="network Gb/s per GPU (one NIC each)"
     )
     hw.add_argument("--eager-attention", action="store_true", help="plan for attention that stores the s×s scores")
+
+    ft = p.add_argument_group("fine-tuning (--transfer; also --variant or --config, --gpu, --num-classes)")
+    ft.add_argument("--transfer", action="store_true", help="plan fine-tuning memory on one GPU instead")
+    ft.add_argument("--transfer-batch", type=int, default=planner.FINETUNE_BATCH, help="fine-tuning batch (512)")
+    ft.add_argument(
+        "--resolution",
+        type=int,
+        action="append",
+        help="fine-tuning resolution (repeatable; default: the paper's for the model)",
+    )
     return p.parse_args(argv)
+
+
+def paper_resolutions(variant: str) -> list[int]:
+    """The paper's fine-tuning resolutions for a model: Table 4's 384 px where the patch divides it, and the
+    higher one its largest models were fine-tuned at (the transfer stage's table)."""
+    import model
+    from pipeline.transfer.tasks import HIGH_RES_FINETUNE
+
+    shape = model.parse_variant(variant)
+    table4 = [384] if 384 % shape.patch_size == 0 else []
+    return sorted({*table4, *([HIGH_RES_FINETUNE[shape.name]] if shape.name in HIGH_RES_FINETUNE else [])})
+
+
+def transfer_main(args: argparse.Namespace) -> int:
+    """`--transfer`: fine-tuning memory tables; exit 1 when a resolution fits nowhere on the GPU."""
+    variant = args.variant
+    if variant is None and args.config:
+        from pipeline.config import load_config
+
+        variant = load_config(args.config, ["data.train=gs://plan-only/train-{000000..000001}.tar"]).model.variant
+    if variant is None:
+        raise planner.PlanError("--transfer needs --variant (e.g. H/14) or --config <preset>")
+    if args.gpu == "cpu":
+        raise planner.PlanError("--transfer plans GPU memory: use --gpu " + "|".join(planner.GPUS))
+    plans, refusals = [], []
+    for resolution in args.resolution or paper_resolutions(variant):
+        try:
+            plans.append(
+                planner.plan_transfer_memory(
+                    variant,
+                    resolution,
+                    args.transfer_batch,
+                    args.gpu or "h100",
+                    num_classes=args.num_classes or 1000,
+                    grad_checkpointing=args.grad_checkpointing,
+                )
+            )
+        except planner.DoesNotFitError as exc:
+            refusals.append(str(exc))
+    if plans:
+        print(planner.format_transfer_memory(plans))
+    for reason in refusals:
+        print(f"REFUSED: {reason}")
+    return 1 if refusals else 0
 
 
 def _dataset_defaults(preset: str | None) -> tuple[int | None, int | None]:
@@ -173,6 +233,12 @@ def build_request(args: argparse.Namespace) -> tuple[planner.PlanRequest, list[s
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.transfer:
+        try:
+            return transfer_main(args)
+        except ValueError as exc:  # PlanError, bad variant names or resolutions
+            print(f"plan: {exc}", file=sys.stderr)
+            return 2
     try:
         req, notes = build_request(args)
         result = planner.plan(req)

@@ -378,11 +378,11 @@ def test_memory_table_reports_gib_per_stage_and_checkpointing():
     assert 0 < stage0.total / GIB < 80
 
 
-def test_the_scale_plan_is_not_named_like_the_configs_plan():
-    config = pytest.importorskip("pipeline.config")
+def test_the_scale_plan_has_a_name_of_its_own():
+    # "Plan" alone is a run's resolved settings in pipeline.config; the planner's report is a ScalePlan
     req = PlanRequest(steps=10, nodes=32, gpus_per_node=8, gpu="h100", **H14_JFT)
     assert isinstance(planner.plan(req), planner.ScalePlan)
-    assert not hasattr(planner, "Plan") and hasattr(config, "Plan")
+    assert not hasattr(planner, "Plan")
 
 
 def test_a_gpu_outside_the_standard_columns_gets_its_own_column():
@@ -430,13 +430,13 @@ def test_transfer_plan_turns_checkpointing_on_only_when_nothing_fits_without_it(
     small = planner.GpuSpec("small", "Small 14GB", 14.0, 100e12)
     p = planner.plan_transfer_memory(**h14, device=small)
     assert p.grad_checkpointing and p.micro_batch >= 1 and p.memory.total <= small.usable_bytes
-    with pytest.raises(PlanError, match=r"without activation checkpointing.*grad_checkpointing=True fits micro-batch"):
+    with pytest.raises(planner.DoesNotFitError, match=r"without activation checkpointing.*=True fits micro-batch"):
         planner.plan_transfer_memory(**h14, device=small, grad_checkpointing=False)
 
 
 def test_transfer_plan_that_fits_nowhere_names_a_bigger_gpu():
     tiny_card = planner.GpuSpec("tiny", "Tiny 12GB", 12.0, 100e12)  # 7.8 GiB usable < H/14's 8.3 GiB of states
-    with pytest.raises(PlanError, match=r"even at micro-batch 1 with activation checkpointing.*a100-40") as err:
+    with pytest.raises(planner.DoesNotFitError, match=r"micro-batch 1 with activation checkpointing.*a100-40") as err:
         planner.plan_transfer_memory("H/14", 518, 512, tiny_card)
     assert "Tiny 12GB" in str(err.value) and "lower resolution" in str(err.value)
 
@@ -506,3 +506,23 @@ def test_checkpointed_finetune_estimate_bounds_the_kept_block_inputs():
     # forward keeps each block's fp32 input; the one block rebuilt in backward is not there yet
     one_block = planner.finetune_activation_bytes_per_layer(facts, 4)
     assert 0.8 * (estimate - one_block) < measured <= estimate - one_block
+
+
+def test_cli_transfer_prints_a_table_per_paper_resolution_with_and_without_checkpointing():
+    result = _plan_cli("--transfer", "--variant", "L/16", "--gpu", "a100-40")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "-- 384 px (577 tokens)" in out and "-- 512 px (1025 tokens)" in out  # Table 4's and the paper's L/16
+    assert out.count("checkpointing off") == 2 and out.count("checkpointing on") == 2
+    chosen = [planner.plan_transfer_memory("L/16", r, 512, "a100-40") for r in (384, 512)]
+    for p in chosen:
+        assert f"chosen: micro_batch={p.micro_batch}, grad_accumulation={p.grad_accumulation}" in out
+
+
+def test_cli_transfer_refuses_what_fits_nowhere_with_exit_code_1_and_bad_resolutions_with_2():
+    huge_head = _plan_cli("--transfer", "--variant", "H/14", "--gpu", "a100-40", "--num-classes", "3000000")
+    assert huge_head.returncode == 1, huge_head.stderr
+    assert "REFUSED" in huge_head.stdout and "a GPU with more memory (" in huge_head.stdout
+    bad = _plan_cli("--transfer", "--variant", "H/14", "--resolution", "384")
+    assert bad.returncode == 2
+    assert "use 378 or 392" in bad.stderr

@@ -30,6 +30,7 @@ from pipeline.planner.costs import (
 from pipeline.planner.finetune import (
     FINETUNE_BATCH,
     FINETUNE_MOMENTUM,
+    DoesNotFitError,
     FinetuneMemory,
     TransferMemoryPlan,
     estimate_finetune_memory,
@@ -84,6 +85,7 @@ __all__ = [
     "TPUV3_CORE_PEAK_FLOPS",
     "ZERO_STAGES",
     "DataRate",
+    "DoesNotFitError",
     "FinetuneMemory",
     "GpuSpec",
     "MemoryEstimate",

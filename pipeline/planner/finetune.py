@@ -31,6 +31,10 @@ FINETUNE_BATCH = 512
 FINETUNE_MOMENTUM = 0.9
 
 
+class DoesNotFitError(PlanError):
+    """No micro-batch of the fine-tuning batch fits the GPU (as opposed to an invalid input)."""
+
+
 @dataclass(frozen=True)
 class FinetuneMemory:
     """Bytes one fine-tuning GPU holds at one micro-batch size."""
@@ -138,7 +142,8 @@ def plan_transfer_memory(
 
     `grad_checkpointing`: None lets the planner turn it on only if no micro-batch fits without it; True plans
     with it; False forbids it. The representation layer is dropped for fine-tuning (as the paper does), so the
-    head reads the width directly. Raises PlanError, naming the fix, when nothing fits or an input is invalid.
+    head reads the width directly. Raises DoesNotFitError (a PlanError) naming the fix when nothing fits, and
+    PlanError for an invalid input.
     """
     spec = resolve_device(device)
     if batch < 1:
@@ -162,7 +167,7 @@ def plan_transfer_memory(
         chosen = next((m for m in table if m.grad_checkpointing == ckpt and m.total <= usable), None)
         if chosen is not None:
             return TransferMemoryPlan(facts, batch, spec, chosen.micro_batch, ckpt, chosen, table)
-    raise PlanError(_unfit_reason(facts, spec, table, grad_checkpointing, momentum))
+    raise DoesNotFitError(_unfit_reason(facts, spec, table, grad_checkpointing, momentum))
 
 
 def _unfit_reason(
