@@ -266,6 +266,29 @@ def test_timm_and_official_checkpoints_load_with_their_variant(tmp_path):
         analysis.check_model(str(tmp_path / "official.npz"), variant="Ti/4")
 
 
+def test_a_timm_model_saved_as_safetensors_loads_and_computes_what_timm_computes(tmp_path):
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    torch.manual_seed(0)
+    timm_vit = TimmViT(img_size=IMG, patch_size=PATCH, embed_dim=128, depth=6, num_heads=4, num_classes=7).eval()
+    save_file(timm_vit.state_dict(), str(tmp_path / "timm.safetensors"))
+    ours = analysis.load_model(analysis.check_model(str(tmp_path / "timm.safetensors"), variant=VARIANT))
+    x = images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_features(x), timm_vit.forward_features(x), atol=1e-4, rtol=1e-4)
+
+
+def test_all_analyses_run_on_a_model_without_class_token():
+    vit = tiny_vit(pool="gap")
+    pixels = (torch.rand(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8)
+    result = analysis.analyze(vit, pixels, components=5, rollout_images=2)
+    assert result.distances.shape == (vit.spec.depth, vit.spec.num_heads)
+    assert result.similarity.shape == (GRID,) * 4 and result.rollout.shape == (2, GRID, GRID)
+    # without a class token the map is the patches' mean rollout row: a distribution over the patches
+    torch.testing.assert_close(result.rollout.sum(dim=(1, 2)), torch.ones(2))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The job
 
