@@ -6,6 +6,11 @@ On a laptop (starts or joins a local Ray; the default preset `tiny` trains ViT-M
         --samples-per-shard 128
     python jobs/pretrain.py
 
+Without Ray (one process, e.g. under a debugger; or one process per rank under torchrun):
+
+    python jobs/pretrain.py --set scale.launcher=local --set scale.workers=1
+    torchrun --nproc-per-node 2 jobs/pretrain.py --set scale.launcher=local
+
 On a cluster:
 
     ray job submit --address http://<head>:8265 --working-dir . -- python jobs/pretrain.py \\
@@ -63,13 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         f"ZeRO-{cfg.train.zero_stage}, {'bf16' if plan.bf16 else 'fp32'}; storage {plan.run_dir}",
         flush=True,
     )
-    # build -> run -> close: Ray is shut down on success and on failure.
-    import ray
-
-    from pipeline.cluster import connect_ray
-
+    # build -> run -> close: Ray is shut down on success and on failure. The local launcher needs no Ray at all.
+    on_ray = cfg.scale.launcher == "ray"
     try:
-        connect_ray(args.address)
+        if on_ray:
+            from pipeline.cluster import connect_ray
+
+            connect_ray(args.address)
         result = pretrain.run(cfg, plan)
     except pretrain.LossNotFiniteError as exc:
         print(f"pretrain: stopped: {exc}", file=sys.stderr)
@@ -78,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretrain: training failed: {exc}", file=sys.stderr)
         return 1
     finally:
-        ray.shutdown()
+        if on_ray:
+            import ray
+
+            ray.shutdown()
     metrics = result.metrics
     if result.status == "already-complete":
         print(f"pretrain: run {plan.run_name} was already complete; export: {result.export_uri}")

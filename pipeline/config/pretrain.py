@@ -150,6 +150,11 @@ class TrainSection(Section):
 
 
 class ScaleSection(Section):
+    launcher: Literal["ray", "local"] = Field(
+        default="ray",
+        description="ray = Ray Train starts scale.workers workers; local = this process is one rank (a world of "
+        "one, or one of `torchrun --nproc-per-node N`'s processes): no Ray needed, e.g. for a debugger.",
+    )
     workers: int = Field(default=2, ge=1, description="Ray Train workers (one DeepSpeed rank each).")
     gpus_per_worker: int = Field(default=0, ge=0, le=1, description="0 = CPU training, 1 = one GPU per worker.")
     cpus_per_worker: float = Field(default=1.0, gt=0)
@@ -249,6 +254,11 @@ class PretrainConfig(Section):
             problems.append(
                 f"train.stop_at_step={self.train.stop_at_step} is past train.steps={self.train.steps}: "
                 "lower it or drop it"
+            )
+        if self.scale.launcher == "local" and self.data.engine == "ray":
+            problems.append(
+                "data.engine=ray needs Ray Data, which scale.launcher=local does without: use data.engine=webdataset "
+                "or scale.launcher=ray"
             )
         if problems:
             raise ValueError("\n".join(problems))

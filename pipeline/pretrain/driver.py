@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ import torch
 from pipeline import cluster, faults, storage, tracking
 from pipeline.config import ConfigError, PretrainConfig, RunLayout, check_durable_defaults, make_layout
 from pipeline.pretrain import checkpoints as ckpt
+from pipeline.pretrain.launch import check_local_world
 from pipeline.pretrain.trainer import DIVERGED_MARKER, LossNotFiniteError, checkpoint_info, train_worker
 
 if TYPE_CHECKING:
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 
 def check_before_launch(cfg: PretrainConfig) -> RunLayout:
     """Everything that can be checked without a cluster: data, derived numbers, resumability. Raises ConfigError."""
-    problems = check_durable_defaults(cfg)
+    problems = check_durable_defaults(cfg) + check_local_world(cfg)
     if problems:
         raise ConfigError(problems)
     plan = make_layout(cfg, _check_data(cfg))
@@ -175,9 +177,14 @@ def forwarded_env() -> dict[str, str]:
     return {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
 
 
-def run(cfg: PretrainConfig, plan: RunLayout) -> RunResult:
-    """Train on the connected Ray cluster (``pipeline.cluster.connect_ray`` first). Call ``check_before_launch``
-    before: it makes the plan."""
+def run(cfg: PretrainConfig, plan: RunLayout, fit: Callable[[str | None], dict[str, Any]] | None = None) -> RunResult:
+    """Train on the connected Ray cluster (``pipeline.cluster.connect_ray`` first), or as one rank of a local world
+    (``scale.launcher=local``, ``launch.run_local``). Call ``check_before_launch`` before: it makes the plan.
+    ``fit(mlflow_run_id)`` trains and returns rank 0's metrics; default: Ray Train's workers."""
+    if cfg.scale.launcher == "local" and fit is None:
+        from pipeline.pretrain.launch import run_local
+
+        return run_local(cfg, plan)
     done = completed_export(plan)
     if done:
         log.info(
@@ -196,20 +203,11 @@ def run(cfg: PretrainConfig, plan: RunLayout) -> RunResult:
         tags = {"vitpipe.preset": cfg.preset, "vitpipe.run_dir": plan.run_dir, "vitpipe.variant": cfg.model.variant}
         run_id = tracking.open_run(cfg.tracking.uri, cfg.tracking.experiment, plan.run_name, params, tags)
 
-    _warn_if_cluster_too_small(cfg)
-    trainer = _torch_trainer(cfg, plan, run_id)
     status = "FAILED"
     try:
-        result = trainer.fit()
-        metrics = dict(result.metrics or {})
+        metrics = fit(run_id) if fit is not None else _fit_on_ray(cfg, plan, run_id)
         status = "FINISHED" if metrics.get("exported") else "KILLED"
-        return RunResult(
-            "finished" if metrics.get("exported") else "stopped",
-            int(metrics.get("step", 0)),
-            metrics.get("export_uri"),
-            run_id,
-            metrics,
-        )
+        return run_result(metrics, run_id)
     except Exception as exc:
         # Only a divergence leaves the marker. Looking for it after any other failure would add the storage client's
         # whole retry budget (~30 s) to a failure that a storage outage caused, and then report the wrong error.
@@ -221,6 +219,23 @@ def run(cfg: PretrainConfig, plan: RunLayout) -> RunResult:
     finally:
         if cfg.tracking.enabled:
             tracking.close_run(cfg.tracking.uri, run_id, status)
+
+
+def run_result(metrics: dict[str, Any], mlflow_run_id: str | None) -> RunResult:
+    """A run's result from the metrics its (rank 0) worker reported."""
+    return RunResult(
+        "finished" if metrics.get("exported") else "stopped",
+        int(metrics.get("step", 0)),
+        metrics.get("export_uri"),
+        mlflow_run_id,
+        metrics,
+    )
+
+
+def _fit_on_ray(cfg: PretrainConfig, plan: RunLayout, mlflow_run_id: str | None) -> dict[str, Any]:
+    _warn_if_cluster_too_small(cfg)
+    result = _torch_trainer(cfg, plan, mlflow_run_id).fit()
+    return dict(result.metrics or {})
 
 
 def _torch_trainer(cfg: PretrainConfig, plan: RunLayout, mlflow_run_id: str | None) -> Any:

@@ -17,11 +17,9 @@ import hashlib
 import json
 import logging
 import math
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +30,7 @@ from pipeline import faults, storage, tracking
 from pipeline.config import PretrainConfig, RunLayout
 from pipeline.pretrain import checkpoints as ckpt
 from pipeline.pretrain import ledger
+from pipeline.pretrain.launch import RayWorkerContext, WorkerContext
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +135,8 @@ class Trainer:
     """One DeepSpeed rank of a pretraining run. ``train()`` is the whole life of the worker; the other methods are
     its named steps, called in this order."""
 
-    def __init__(self, cfg: PretrainConfig, plan: RunLayout, mlflow_run_id: str | None) -> None:
-        self.cfg, self.plan, self.mlflow_run_id = cfg, plan, mlflow_run_id
+    def __init__(self, cfg: PretrainConfig, plan: RunLayout, mlflow_run_id: str | None, context: WorkerContext) -> None:
+        self.cfg, self.plan, self.mlflow_run_id, self.context = cfg, plan, mlflow_run_id, context
         self.worker_start = time.perf_counter()
         self.diverged_url = storage.join(plan.run_dir, DIVERGED_MARKER)
         self.info = checkpoint_info(cfg, plan)
@@ -161,7 +160,7 @@ class Trainer:
                 self.log_progress(loss)
             self.maybe_checkpoint()
             if self.ledger is not None:
-                self.ledger.record(self.step, keys, epochs)
+                self.ledger.record(self.step, keys, epochs, loss)
             faults.fire("after_step", step=self.step, rank=self.rank, run_dir=plan.run_dir)  # tests only: see faults.py
         exported = self.step >= plan.total_steps
         export_uri = self.export() if exported else None
@@ -171,18 +170,13 @@ class Trainer:
 
     def setup(self) -> None:
         """Rank and device, the refusals that must come before the slow engine set-up, then the model and engine."""
-        import ray.train
-        import ray.train.torch
-
         import model as vit_model
-        from pipeline.pretrain.engine import build_engine
+        from pipeline.pretrain.engine import build_engine, engine_modes
 
         cfg, plan = self.cfg, self.plan
-        context = ray.train.get_context()
-        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.rank, self.world, self.device = self.context.rank, self.context.world_size, self.context.device
         if self.world != plan.world_size:
-            raise RuntimeError(f"Ray started {self.world} workers, the plan expects {plan.world_size}")
-        self.device = ray.train.torch.get_device()
+            raise RuntimeError(f"the launcher started {self.world} workers, the plan expects {plan.world_size}")
         if self.device.type == "cpu":
             # One intra-op thread per reserved CPU: more would oversubscribe cores shared with the other workers.
             torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
@@ -203,6 +197,9 @@ class Trainer:
             "head_bias_init": plan.head_bias_init,
         }
         self.engine = build_engine(vit_model.create_vit(cfg.model.variant, **self.model_kwargs), cfg, plan)
+        self.modes = engine_modes(self.engine)
+        if self.rank == 0:
+            log.info(f"[{plan.run_name}] engine: {self.modes}, data.workers={cfg.data.workers}")
         self.dtype = torch.bfloat16 if plan.bf16 else torch.float32
         self.loss_fn = loss_function(cfg.train.loss, plan.num_classes)
         # Different dropout masks per rank; the generators are saved and restored with each checkpoint.
@@ -402,9 +399,7 @@ class Trainer:
         return export_uri
 
     def report(self, exported: bool, export_uri: str | None) -> None:
-        """Close the MLflow logger and hand the driver this attempt's results through ``ray.train.report``."""
-        import ray.train
-
+        """Close the MLflow logger and hand the launcher this attempt's results (``launch.WorkerContext.report``)."""
         plan, step = self.plan, self.step
         delivery = self.metric_logger.close(self.cfg.tracking.flush_timeout_s) if self.metric_logger else None
         wall_s = time.perf_counter() - self.run_start
@@ -418,27 +413,18 @@ class Trainer:
             "images_per_s": (step - self.run_start_step) * plan.global_batch / max(1e-9, wall_s),
             "wall_s": wall_s,
             "setup_s": self.run_start - self.worker_start,
+            "modes": self.modes,
             "mlflow_undelivered": delivery.undelivered if delivery else 0,
         }
         if self.rank == 0 and delivery and delivery.undelivered:
             log.info(f"[{plan.run_name}] {delivery}")
-        # Ray Train hands the driver only metrics that come with a checkpoint: rank 0 reports a small one that
-        # points at the real checkpoint and export on storage.
-        with tempfile.TemporaryDirectory(prefix="vitpipe-pointer-") as tmp:
-            pointer = None
-            if self.rank == 0:
-                pointer_info = {
-                    "run_dir": plan.run_dir,
-                    "checkpoint": self.last_good,
-                    "export_uri": export_uri,
-                    "step": step,
-                }
-                (Path(tmp) / "pointer.json").write_text(json.dumps(pointer_info))
-                pointer = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(result, checkpoint=pointer)
+        pointer = None
+        if self.rank == 0:
+            pointer = {"run_dir": plan.run_dir, "checkpoint": self.last_good, "export_uri": export_uri, "step": step}
+        self.context.report(result, pointer)
 
 
 def train_worker(payload: dict[str, Any]) -> None:
     """The Ray Train per-worker function: one DeepSpeed rank from resume to export."""
     cfg = PretrainConfig.model_validate(payload["config"])
-    Trainer(cfg, RunLayout(**payload["plan"]), payload.get("mlflow_run_id")).train()
+    Trainer(cfg, RunLayout(**payload["plan"]), payload.get("mlflow_run_id"), RayWorkerContext.current()).train()
