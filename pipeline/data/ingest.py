@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from pipeline.data.sources import Source, SourcePart, SourceSample, split_parts
 log = logging.getLogger(__name__)
 
 PROGRESS_DIR = "_progress"
-STATS_IMAGES_PER_SHARD = 8  # images per shard decoded for the manifest's pixel statistics
+STATS_IMAGES_PER_SHARD = 4  # images per shard decoded for the manifest's pixel statistics
 
 
 @dataclass(frozen=True)
@@ -139,10 +140,12 @@ class _ShardStats:
     def add(self, image: bytes, height: int, width: int, label: int) -> None:
         if len(self.heights) < STATS_IMAGES_PER_SHARD:
             with Image.open(io.BytesIO(image)) as im:
-                rgb = np.asarray(im.convert("RGB"), dtype=np.float64).reshape(-1, 3)
-            self.sums += rgb.sum(0)
-            self.sq_sums += (rgb**2).sum(0)
-            self.pixels += rgb.shape[0]
+                # Per-channel histograms (computed in C) give the sums and squared sums exactly.
+                counts = np.asarray(im.convert("RGB").histogram(), dtype=np.float64).reshape(3, 256)
+            values = np.arange(256, dtype=np.float64)
+            self.sums += counts @ values
+            self.sq_sums += counts @ values**2
+            self.pixels += int(counts[0].sum())
         self.heights.append(height)
         self.widths.append(width)
         self.class_counts[label] += 1
@@ -184,12 +187,16 @@ def _write_shard(
     return written, consumed, stats
 
 
-def run_task(task: Task, num_classes: int, opts: IngestOptions, on_progress: Callable[[int], None] | None = None):
+def run_task(task: Task, num_classes: int, opts: IngestOptions) -> list[dict[str, Any]]:
     """Write the task's shards, skipping those already recorded as finished; returns their records in order."""
+    return list(iter_task(task, num_classes, opts))
+
+
+def iter_task(task: Task, num_classes: int, opts: IngestOptions) -> Iterator[dict[str, Any]]:
+    """`run_task` one shard at a time: yields each shard's record once the shard is durable."""
     stream = interleave(task, opts.split_seed)
-    records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ingest-") as tmp:
-        for k in range(1_000_000):
+        for k in itertools.count():
             name = task_shard_name(task, k)
             record_url = _record_url(opts.out, name)
             record = storage.read_json(record_url) if storage.exists(record_url) else None
@@ -197,9 +204,7 @@ def run_task(task: Task, num_classes: int, opts: IngestOptions, on_progress: Cal
                 # Finished earlier: step over its source samples without loading their images.
                 for _ in range(record["consumed"]):
                     next(stream)
-                records.append(record)
-                if on_progress:
-                    on_progress(record["samples"])
+                yield record
                 continue
             path = Path(tmp) / name
             written, consumed, stats = _write_shard(stream, path, opts, num_classes)
@@ -219,10 +224,7 @@ def run_task(task: Task, num_classes: int, opts: IngestOptions, on_progress: Cal
                 storage.put_file(path, storage.join(opts.out, name))  # whole, in one call
             storage.write_json(record_url, record)  # after the shard: the record marks it finished
             path.unlink()
-            records.append(record)
-            if on_progress:
-                on_progress(written)
-    return records
+            yield record
 
 
 def _image_stats(records: list[dict[str, Any]], num_samples: int) -> dict[str, Any]:

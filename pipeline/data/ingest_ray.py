@@ -4,7 +4,8 @@ The plan (which parts each task reads, how its shards are cut) is made once on t
 on the number of workers, so the shards are identical whether 1 or 1,000 CPUs write them. Each task writes its
 shards one by one (each durable on its own, see ``pipeline.data.ingest``); Ray retries a task whose worker died,
 and the retry, like a rerun of the whole command, skips the shards already finished. The driver shows a progress
-bar (samples, images/s, ETA) fed by the tasks after every shard, and writes the manifest last.
+bar (samples, images/s, ETA) fed by the tasks after every shard (Ray streaming generators: no extra process),
+and writes the manifest last.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.data import shards
-from pipeline.data.ingest import IngestOptions, Task, manifest_for, plan_tasks, run_task
+from pipeline.data.ingest import IngestOptions, Task, iter_task, manifest_for, plan_tasks
 from pipeline.data.sources import Source
 
 log = logging.getLogger(__name__)
@@ -45,27 +47,9 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ray.init(num_cpus=num_cpus, runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=True)
 
 
-def _progress_actor():
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class Progress:
-        """Samples written so far, reported by the tasks after each shard."""
-
-        def __init__(self) -> None:
-            self.samples = 0
-
-        def add(self, samples: int) -> None:
-            self.samples += samples
-
-        def total(self) -> int:
-            return self.samples
-
-    return Progress.remote()
-
-
-def _convert_task(task: Task, num_classes: int, opts: IngestOptions, progress: Any) -> list[dict[str, Any]]:
-    return run_task(task, num_classes, opts, on_progress=lambda n: progress.add.remote(n))
+def _convert_task(task: Task, num_classes: int, opts: IngestOptions) -> Iterator[dict[str, Any]]:
+    # A Ray streaming generator: each shard's record reaches the driver as soon as the shard is durable.
+    yield from iter_task(task, num_classes, opts)
 
 
 class _Bar:
@@ -102,22 +86,30 @@ def convert_split_ray(
     if storage.exists(manifest_url):
         storage.remove(manifest_url)  # incomplete from here until the new manifest is written
     start_ray(address, num_cpus)
-    progress = _progress_actor()
-    remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(_convert_task)
+    remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, num_returns="streaming")(_convert_task)
     num_classes = len(source.class_names)
-    refs = [remote.remote(task, num_classes, opts, progress) for task in tasks]
-    results: dict[Any, list[dict[str, Any]]] = {}
+    pending = [remote.remote(task, num_classes, opts) for task in tasks]
+    by_name: dict[str, dict[str, Any]] = {}  # keyed by shard name: a retried task may report a shard again
+    finished_tasks = written = 0
     bar = _Bar(split, tasks)
     try:
-        pending = list(refs)
         while pending:
-            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-            for ref in done:
-                results[ref] = ray.get(ref)
-            bar.update(ray.get(progress.total.remote()), len(results))
+            ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            for generator in ready:
+                try:
+                    record = ray.get(next(generator))
+                except StopIteration:
+                    finished_tasks += 1
+                    continue
+                if record["name"] not in by_name:
+                    written += record["samples"]
+                by_name[record["name"]] = record
+                pending.append(generator)
+            bar.update(written, finished_tasks)
     finally:
         bar.close()
-    records = [record for ref in refs for record in results[ref]]  # plan order, whoever finished first
+    # Shard names sort in plan order (task, then shard within the task), whoever finished first.
+    records = [by_name[name] for name in sorted(by_name)]
     manifest = manifest_for(source, split, records, opts)
     storage.write_json(manifest_url, manifest)
     log.info("%s: %d samples in %d shards -> %s", split, manifest["num_samples"], len(manifest["shards"]), manifest_url)
