@@ -347,7 +347,13 @@ def test_analyze_job_refuses_a_bad_model_before_any_work(tmp_path):
     assert "Traceback" not in result.stderr
     assert not out.exists()
 
-    (tmp_path / "weights.pth").write_bytes(b"")
+    (tmp_path / "weights.pth").write_bytes(b"not a checkpoint")
     result = run_job("--model", str(tmp_path / "weights.pth"), "--data", missing_data, "--out", str(out))
     assert result.returncode == 2
     assert "--variant" in result.stderr and not out.exists()
+
+
+def test_a_damaged_checkpoint_is_reported_as_a_bad_model(tmp_path):
+    (tmp_path / "weights.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(analysis.AnalysisError, match=r"--model: cannot read .*weights\.pth"):
+        analysis.load_model(analysis.check_model(str(tmp_path / "weights.pth"), variant=VARIANT))

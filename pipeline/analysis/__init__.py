@@ -96,7 +96,7 @@ def check_model(model: str, *, variant: str | None = None) -> ModelSource:
 
 
 def check_data(url: str) -> str:
-    """The data URL normalised, after its manifest (or the first shard of a pattern) was found."""
+    """``url`` back, once its manifest (or the first shard of a pattern) was found."""
     try:
         loader = build_eval_loader(url, image_size=1, batch_size=1)
     except (DataError, storage.UnsupportedURLError) as exc:
@@ -118,8 +118,12 @@ def load_model(source: ModelSource) -> vit_model.VisionTransformer:
             storage.get_file(source.url, local)
             try:
                 vit = _load_checkpoint(source, local)
-            except (ValueError, RuntimeError) as exc:  # CheckpointMismatchError names the keys and the fix
+            except AnalysisError:
+                raise
+            except vit_model.CheckpointMismatchError as exc:  # names the keys and the fix
                 raise AnalysisError(f"--model: {source.url}: {exc}") from None
+            except Exception as exc:  # torch, safetensors and numpy each raise their own errors on a damaged file
+                raise AnalysisError(f"--model: cannot read {source.url} ({type(exc).__name__}: {exc})") from None
     return vit.eval()
 
 
