@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import posixpath
+import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,10 +53,12 @@ def _name(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1]
 
 
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
 def _key(file_name: str) -> str:
     # "n01440764_10026.JPEG" -> "n01440764_10026" (keys may not contain '.' or '/').
-    stem = posixpath.basename(file_name).split(".", 1)[0]
-    return "".join(c if c.isalnum() or c in "_-" else "_" for c in stem)
+    return _KEY_UNSAFE.sub("_", posixpath.basename(file_name).split(".", 1)[0])
 
 
 def _is_image(name: str) -> bool:
@@ -90,14 +93,18 @@ class SynsetImages:
         with storage.open_read(self.url, small_reads=True) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             return [m.name for m in tar.getmembers() if m.isfile() and _is_image(m.name)]
 
-    def read(self, keep: Callable[[str], bool], sparse: bool = False) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    def read(
+        self, keep: Callable[[str], bool], *, sparse: bool = False, names: list[str] | None = None
+    ) -> Iterator[tuple[str, Callable[[], bytes]]]:
         """(file name, loader) of the images ``keep`` accepts, in stored order. A tar is read in one forward pass;
-        ``sparse`` when ``keep`` takes few of them (minival): small reads, seeking over the rest."""
+        ``sparse`` when ``keep`` takes few of them (minival): small reads, seeking over the rest. ``names``: the
+        folder's listing when the caller already has it."""
         if not self.is_tar:
-            for name in sorted(_name(u) for u in storage.listdir(self.url) if _is_image(u)):
+            fs, base = storage.filesystem(self.url)  # once per folder: the per-file cost is the read alone
+            for name in self.names() if names is None else names:
                 if keep(name):
-                    url = storage.join(self.url, name)
-                    yield name, lambda url=url: storage.read_bytes(url)
+                    path = posixpath.join(base, name)
+                    yield name, lambda path=path: fs.cat_file(path)
             return
         with (
             storage.open_read(self.url, streaming=not sparse, small_reads=sparse) as f,
@@ -134,9 +141,11 @@ def _synset_parts(
     for label, (wnid, images) in enumerate(synsets.items()):
 
         def read(held: bool, label: int = label, images: SynsetImages = images) -> Iterator[SourceSample]:
-            holdout = held_out([_key(n) for n in images.names()], fraction, seed)
-            for name, load in images.read(lambda n: (_key(n) in holdout) == held, sparse=held):
-                yield SourceSample(_key(name), label, load)
+            names = images.names()
+            keys = {name: _key(name) for name in names}
+            holdout = held_out(list(keys.values()), fraction, seed)
+            for name, load in images.read(lambda n: (keys[n] in holdout) == held, sparse=held, names=names):
+                yield SourceSample(keys[name], label, load)
 
         train.append(SourcePart(f"{prefix}{wnid}", lambda read=read: read(False)))
         minival.append(SourcePart(f"{prefix}{wnid}-minival", lambda read=read: read(True)))
