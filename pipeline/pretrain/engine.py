@@ -150,3 +150,15 @@ def build_engine(model: torch.nn.Module, cfg: PretrainConfig, plan: RunLayout) -
     )
     engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
     return engine
+
+
+def engine_modes(engine: deepspeed.DeepSpeedEngine) -> dict[str, Any]:
+    """The training modes the engine runs, read off the engine and its model rather than the config (printed at the
+    start of a run and reported with its results, so that a mode the config asked for is seen to be in effect)."""
+    return {
+        "zero_stage": int(engine.zero_optimization_stage()),
+        "bf16": bool(engine.bfloat16_enabled()),
+        "param_dtype": str(next(engine.module.parameters()).dtype).removeprefix("torch."),
+        "activation_checkpointing": bool(getattr(engine.module, "grad_checkpointing", False)),
+        "grad_accum": int(engine.gradient_accumulation_steps()),
+    }

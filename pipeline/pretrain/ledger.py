@@ -1,11 +1,12 @@
-"""The step ledger: which samples each rank trained on at each step, attempt by attempt (``train.ledger=true``).
+"""The step ledger: which samples each rank trained on at each step, and the step's loss, attempt by attempt
+(``train.ledger=true``).
 
 An audit aid for short runs and the reliability tests, off by default. Each rank writes its own object per attempt
 (a Ray Train restart or a resubmission of the same run is a new attempt)::
 
     <run_dir>/ledger/rank-00001/attempt-002.jsonl
         {"event": "start", "rank": 1, "attempt": 2, "resumed_from_step": 4, "checkpoint": "gs://.../step_00000004"}
-        {"step": 5, "attempt": 2, "keys": ["digits-0003", ...], "epochs": [0, ...]}
+        {"step": 5, "attempt": 2, "keys": ["digits-0003", ...], "epochs": [0, ...], "loss": 1.57}
         ...
 
 A step's line is written after the optimizer applied the step (and after that step's checkpoint, when it has
@@ -24,7 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import storage
@@ -58,8 +59,11 @@ class StepLedger:
         self._lines = [json.dumps(start)]
         self._flush()
 
-    def record(self, step: int, keys: list[str], epochs: list[int]) -> None:
-        self._lines.append(json.dumps({"step": step, "attempt": self.attempt, "keys": keys, "epochs": epochs}))
+    def record(self, step: int, keys: list[str], epochs: list[int], loss: float | None = None) -> None:
+        entry = {"step": step, "attempt": self.attempt, "keys": keys, "epochs": epochs}
+        if loss is not None:
+            entry["loss"] = loss  # the step's loss (mean over micro-batches and ranks): runs compare trajectories
+        self._lines.append(json.dumps(entry))
         self._flush()
 
     def _flush(self) -> None:
@@ -73,6 +77,7 @@ class Attempt:
     resumed_from_step: int
     checkpoint: str | None
     steps: dict[int, dict[str, Any]]  # step -> {"keys": [...], "epochs": [...]}
+    losses: dict[int, float] = field(default_factory=dict)  # step -> its loss, where it was recorded
 
 
 def read(run_dir: str) -> dict[int, list[Attempt]]:
@@ -85,11 +90,16 @@ def read(run_dir: str) -> dict[int, list[Attempt]]:
             lines = [json.loads(line) for line in storage.read_bytes(url).decode().splitlines() if line.strip()]
             start, entries = lines[0], lines[1:]
             steps: dict[int, dict[str, Any]] = {}
+            losses: dict[int, float] = {}
             for entry in entries:
                 if entry["step"] in steps:
                     raise LedgerError(f"{url}: step {entry['step']} trained twice in one attempt")
                 steps[entry["step"]] = {"keys": entry["keys"], "epochs": entry["epochs"]}
-            attempt = Attempt(start["rank"], start["attempt"], start["resumed_from_step"], start["checkpoint"], steps)
+                if "loss" in entry:
+                    losses[entry["step"]] = entry["loss"]
+            attempt = Attempt(
+                start["rank"], start["attempt"], start["resumed_from_step"], start["checkpoint"], steps, losses
+            )
             out.setdefault(attempt.rank, []).append(attempt)
     for attempts in out.values():
         attempts.sort(key=lambda a: a.attempt)
