@@ -18,7 +18,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_ENABLE_TELEMETRY := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,17 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/model_step.py
 	$(PY) bench/loader.py
+
+# What bench/gpu_check.py installs and reads on a GPU machine (Python 3.12, x86-64), in .gpu/ (git-ignored; carry it):
+# wheels of bench/gpu-requirements.txt without their dependencies, DeepSpeed built from its sdist, JPEG shards.
+GPU_DIR := .gpu
+gpu-wheels: $(STAMP)
+	rm -rf $(GPU_DIR) && mkdir -p $(GPU_DIR)/wheels
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(GPU_DIR)/wheels deepspeed==0.19.8
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d $(GPU_DIR)/wheels -r bench/gpu-requirements.txt
+	$(PY) bench/gpu_check.py --prepare-data
+	du -sh $(GPU_DIR)/wheels $(GPU_DIR)/data
 
 clean:
 	rm -rf runs .pytest_cache

@@ -212,10 +212,18 @@ class Trainer:
 
 
 def measure(
-    variant: str, setup: Setup, *, steps: int, micro_batch: int | None, peak_flops: float | None
+    variant: str,
+    setup: Setup,
+    *,
+    steps: int,
+    micro_batch: int | None,
+    peak_flops: float | None,
+    make_trainer: Callable[[str, Setup], Trainer] | None = None,
 ) -> VariantResult:
+    """``make_trainer``: another engine with this Trainer's interface (bench/gpu_check.py passes the pretraining
+    Trainer's own); default: this file's bare DeepSpeed engine."""
     flops = model.train_flops_per_image(variant, setup.img_size, num_classes=NUM_CLASSES)
-    trainer = Trainer(variant, setup)
+    trainer = (make_trainer or Trainer)(variant, setup)
     try:
         cap = setup.max_micro_batch
         plain = largest_fitting(lambda b: trainer.fits(b, checkpointing=False), cap=cap)
@@ -318,6 +326,21 @@ def write(report: Report, out_dir: Path, slug: str) -> tuple[Path, Path]:
 # Main
 
 
+def new_report(device_name: str, gpu: Any, script: str, argv: list[str] | None) -> Report:
+    """An empty report for this machine and command (``gpu``: the planner's GpuSpec, None if unknown)."""
+    import deepspeed
+
+    return Report(
+        date=datetime.now(UTC).strftime("%Y-%m-%d"),
+        device=device_name,
+        peak_bf16_tflops=gpu.peak_bf16_flops / 1e12 if gpu else None,
+        torch=torch.__version__,
+        deepspeed=deepspeed.__version__,
+        host=platform.node(),
+        command=f"python {script} " + " ".join(sys.argv[1:] if argv is None else argv),
+    )
+
+
 def init_single_rank(backend: str) -> None:
     """A one-rank process group on loopback, which DeepSpeed needs even on one device."""
     import deepspeed
@@ -361,18 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         gpu, backend = planner.detect_gpu(device_name), "nccl"
         if gpu is None:
             print(f"unknown GPU {device_name!r}: no peak FLOP/s to compute MFU with (add it to pipeline.planner)")
-    import deepspeed
-
     init_single_rank(backend)
-    report = Report(
-        date=datetime.now(UTC).strftime("%Y-%m-%d"),
-        device=device_name,
-        peak_bf16_tflops=gpu.peak_bf16_flops / 1e12 if gpu else None,
-        torch=torch.__version__,
-        deepspeed=deepspeed.__version__,
-        host=platform.node(),
-        command="python bench/gpu_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
-    )
+    report = new_report(device_name, gpu, "bench/gpu_step.py", argv)
     for variant in variants:
         print(f"{variant}: searching the largest micro-batch, then timing {steps} steps", flush=True)
         report.results.append(
