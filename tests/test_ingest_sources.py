@@ -379,3 +379,23 @@ def test_a_rerun_keeps_finished_shards_and_redoes_only_the_unfinished_ones(tmp_p
     again, samples_again = _convert(source, "train", out, **opts)
     assert again == manifest and samples_again.keys() == samples.keys()
     assert {name: (out / name).stat().st_mtime_ns for name in shard_names[:2]} == kept  # not rewritten
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-label training
+
+
+def test_multi_hot_targets_train_with_the_sigmoid_loss_summed_over_classes():
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.pretrain.trainer import loss_function
+
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 1.0, -3.0]])
+    multi_hot = torch.tensor([[1, 0, 1], [0, 1, 1]])  # image 0: classes 0 and 2; image 1: classes 1 and 2
+    expected = sum(
+        F.binary_cross_entropy_with_logits(logits[i], multi_hot[i].float(), reduction="sum") for i in range(2)
+    )
+    assert loss_function("sigmoid", 3)(logits, multi_hot).item() == pytest.approx(expected.item() / 2)
+    single = loss_function("sigmoid", 3)(logits, torch.tensor([0, 1]))
+    assert single.item() != pytest.approx(expected.item() / 2)  # the second class of each image counts

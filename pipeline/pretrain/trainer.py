@@ -80,7 +80,9 @@ def loss_function(kind: str, num_classes: int) -> Callable[[torch.Tensor, torch.
 
     def sigmoid_xent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # Sum over classes, mean over images, as the paper's (big_vision's) sigmoid cross-entropy.
-        targets = F.one_hot(labels, num_classes).to(logits.dtype)
+        # Multi-label data (JFT, ImageNet-21k's multi-label variant) arrives as multi-hot targets [B, K].
+        multi_hot = labels if labels.ndim == 2 else F.one_hot(labels, num_classes)
+        targets = multi_hot.to(logits.dtype)
         return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1).mean()
 
     return sigmoid_xent
