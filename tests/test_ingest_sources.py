@@ -399,3 +399,21 @@ def test_multi_hot_targets_train_with_the_sigmoid_loss_summed_over_classes():
     assert loss_function("sigmoid", 3)(logits, multi_hot).item() == pytest.approx(expected.item() / 2)
     single = loss_function("sigmoid", 3)(logits, torch.tensor([0, 1]))
     assert single.item() != pytest.approx(expected.item() / 2)  # the second class of each image counts
+
+
+def test_converting_again_with_other_options_removes_the_earlier_shards(tmp_path):
+    _write_imagenet(tmp_path / "in", per_class=6, val=0)
+    source = imagenet21k(str(tmp_path / "in" / "train"))
+    _convert(source, "train", tmp_path / "out", samples_per_shard=4)
+    manifest, _ = _convert(source, "train", tmp_path / "out", samples_per_shard=50)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == [s["name"] for s in manifest["shards"]]
+    assert len(list((tmp_path / "out" / "_progress").iterdir())) == len(manifest["shards"]) == 1
+
+
+def test_a_parquet_snapshot_without_the_named_label_column_says_which_flag_to_change(tmp_path):
+    pngs, labels, _ = _digit_pngs()
+    _write_parquet(tmp_path / "s" / "train-00000-of-00001.parquet", pngs[:4], labels[:4], pa.int64(), {})
+    with pytest.raises(SourceError, match="no column 'fine_label' \\(--label-column\\)"):
+        parquet_source(str(tmp_path / "s"), label_column="fine_label")
+    source = parquet_source(str(tmp_path / "s"))  # no metadata: classes 0..max label
+    assert source.class_names == [str(i) for i in range(max(labels[:4]) + 1)]

@@ -284,15 +284,34 @@ def manifest_for(source: Source, split: str, records: list[dict[str, Any]], opts
     }
 
 
-def convert_split(source: Source, split: str, opts: IngestOptions) -> dict[str, Any]:
-    """Convert one split in this process, task after task (the Ray driver runs the same tasks in parallel)."""
+def start_split(split: str, opts: IngestOptions) -> None:
+    """Remove the split's manifest: the set is incomplete from here until `finish_split` writes the new one."""
     manifest_url = storage.join(opts.out, shards.manifest_name(split))
     if storage.exists(manifest_url):
-        storage.remove(manifest_url)  # incomplete from here until the new manifest is written
+        storage.remove(manifest_url)
+
+
+def finish_split(source: Source, split: str, records: list[dict[str, Any]], opts: IngestOptions) -> dict[str, Any]:
+    """Write the manifest (last: it marks the set complete), after removing shards and records of an earlier
+    conversion with other options, which the new plan does not produce."""
+    manifest = manifest_for(source, split, records, opts)
+    keep = {r["name"] for r in records}
+    for url in storage.glob(storage.join(opts.out, f"{split}-*-*.tar")):
+        if url.rsplit("/", 1)[-1] not in keep:
+            storage.remove(url)
+    for url in storage.glob(storage.join(opts.out, PROGRESS_DIR, f"{split}-*-*.json")):
+        if url.rsplit("/", 1)[-1].removesuffix(".json") + ".tar" not in keep:
+            storage.remove(url)
+    manifest_url = storage.join(opts.out, shards.manifest_name(split))
+    storage.write_json(manifest_url, manifest)
+    log.info("%s: %d samples in %d shards -> %s", split, manifest["num_samples"], len(manifest["shards"]), manifest_url)
+    return manifest
+
+
+def convert_split(source: Source, split: str, opts: IngestOptions) -> dict[str, Any]:
+    """Convert one split in this process, task after task (the Ray driver runs the same tasks in parallel)."""
+    start_split(split, opts)
     records: list[dict[str, Any]] = []
     for task in plan_tasks(source, split, opts):
         records += run_task(task, len(source.class_names), opts)
-    manifest = manifest_for(source, split, records, opts)
-    storage.write_json(manifest_url, manifest)  # last: marks the set complete
-    log.info("%s: %d samples in %d shards -> %s", split, manifest["num_samples"], len(manifest["shards"]), manifest_url)
-    return manifest
+    return finish_split(source, split, records, opts)

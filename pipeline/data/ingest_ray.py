@@ -19,9 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline import storage
-from pipeline.data import shards
-from pipeline.data.ingest import IngestOptions, Task, iter_task, manifest_for, plan_tasks
+from pipeline.data.ingest import IngestOptions, Task, finish_split, iter_task, plan_tasks, start_split
 from pipeline.data.sources import Source
 
 log = logging.getLogger(__name__)
@@ -82,9 +80,7 @@ def convert_split_ray(
     import ray
 
     tasks = plan_tasks(source, split, opts)
-    manifest_url = storage.join(opts.out, shards.manifest_name(split))
-    if storage.exists(manifest_url):
-        storage.remove(manifest_url)  # incomplete from here until the new manifest is written
+    start_split(split, opts)
     start_ray(address, num_cpus)
     remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, num_returns="streaming")(_convert_task)
     num_classes = len(source.class_names)
@@ -109,8 +105,4 @@ def convert_split_ray(
     finally:
         bar.close()
     # Shard names sort in plan order (task, then shard within the task), whoever finished first.
-    records = [by_name[name] for name in sorted(by_name)]
-    manifest = manifest_for(source, split, records, opts)
-    storage.write_json(manifest_url, manifest)
-    log.info("%s: %d samples in %d shards -> %s", split, manifest["num_samples"], len(manifest["shards"]), manifest_url)
-    return manifest
+    return finish_split(source, split, [by_name[name] for name in sorted(by_name)], opts)
