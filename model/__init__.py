@@ -5,7 +5,7 @@ Pure PyTorch: no IO beyond reading a local weights file, nothing distributed.
 
 from model.flops import flops, param_count, train_flops_per_image
 from model.pos_embed import resample_pos_embed
-from model.variants import SIZES, ViTShape, parse_variant
+from model.variants import SIZES, ViTShape, grid_problem, parse_variant, resolution_problem
 from model.vit import VisionTransformer, ViTSpec, create_vit
 from model.weights import (
     CheckpointMismatchError,
@@ -28,11 +28,13 @@ __all__ = [
     "check_npz_architecture",
     "create_vit",
     "flops",
+    "grid_problem",
     "load_checkpoint",
     "npz_architecture",
     "npz_shapes",
     "param_count",
     "parse_variant",
     "resample_pos_embed",
+    "resolution_problem",
     "train_flops_per_image",
 ]

@@ -10,7 +10,7 @@ that executed work, about 1/depth less. MFU quoted from ``flops()`` therefore cr
 model-FLOPs utilisation in the usual sense, slightly above what the hardware executed.
 """
 
-from model.variants import parse_variant
+from model.variants import grid_problem, parse_variant
 
 
 def _num_prefix_tokens(pool: str) -> int:
@@ -20,8 +20,8 @@ def _num_prefix_tokens(pool: str) -> int:
 
 
 def _grid(patch_size: int, img_size: int) -> int:
-    if img_size % patch_size:
-        raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}.")
+    if problem := grid_problem(img_size, patch_size):
+        raise ValueError(problem)
     return (img_size // patch_size) ** 2
 
 

@@ -62,9 +62,14 @@ def resolution_problem(img_size: int, variant: str | ViTShape, *, field: str = "
     Every resolution check in the pipeline (the pretraining config, the planner, transfer recipes) uses this.
     """
     shape = variant if isinstance(variant, ViTShape) else parse_variant(variant)
-    patch = shape.patch_size
-    if img_size % patch == 0:
+    return grid_problem(img_size, shape.patch_size, field=field, model=shape.name)
+
+
+def grid_problem(img_size: int, patch_size: int, *, field: str = "img_size", model: str | None = None) -> str | None:
+    """Why ``img_size`` cannot be cut into whole ``patch_size`` patches (naming sizes that can), or None."""
+    if img_size % patch_size == 0 and img_size > 0:
         return None
-    below = img_size // patch * patch
-    choices = f"{below} or {below + patch}" if below else str(patch)
-    return f"{field}={img_size} is not a multiple of the patch size {patch} of {shape.name}: use e.g. {choices}"
+    below = img_size // patch_size * patch_size
+    choices = f"{below} or {below + patch_size}" if below else str(patch_size)
+    of = f" of {model}" if model else ""
+    return f"{field}={img_size} is not a multiple of the patch size {patch_size}{of}: use e.g. {choices}"

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.pos_embed import resample_pos_embed
-from model.variants import parse_variant
+from model.variants import grid_problem, parse_variant
 
 POOLS = ("token", "gap")
 LN_EPS = 1e-6  # the JAX/Flax LayerNorm default, which the released weights were trained with
@@ -45,11 +45,8 @@ class ViTSpec:
     def __post_init__(self) -> None:
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}.")
-        if self.img_size % self.patch_size:
-            raise ValueError(
-                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}: "
-                f"pick an image size such as {self.img_size // self.patch_size * self.patch_size}."
-            )
+        if problem := grid_problem(self.img_size, self.patch_size):
+            raise ValueError(problem)
         if self.pool not in POOLS:
             raise ValueError(f"pool={self.pool!r} is not supported: use one of {POOLS}.")
         if self.num_classes < 0:

@@ -442,7 +442,7 @@ def test_transfer_plan_that_fits_nowhere_names_a_bigger_gpu():
 
 
 def test_transfer_plan_rejects_bad_inputs_with_the_fix():
-    with pytest.raises(PlanError, match="not a multiple of ViT-H/14's patch size 14: use 378 or 392"):
+    with pytest.raises(PlanError, match=r"resolution=384 is not a multiple of the patch size 14 of H/14: use e\.g\. 378 or 392"):
         planner.plan_transfer_memory("H/14", 384)
     with pytest.raises(PlanError, match="device 'Tesla T4' is unknown: use one of"):
         planner.plan_transfer_memory("B/16", 384, 512, "Tesla T4")
@@ -525,4 +525,4 @@ def test_cli_transfer_refuses_what_fits_nowhere_with_exit_code_1_and_bad_resolut
     assert "REFUSED" in huge_head.stdout and "a GPU with more memory (" in huge_head.stdout
     bad = _plan_cli("--transfer", "--variant", "H/14", "--resolution", "384")
     assert bad.returncode == 2
-    assert "use 378 or 392" in bad.stderr
+    assert "use e.g. 378 or 392" in bad.stderr

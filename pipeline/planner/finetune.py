@@ -148,12 +148,8 @@ def plan_transfer_memory(
     spec = resolve_device(device)
     if batch < 1:
         raise PlanError(f"batch must be >= 1, got {batch}")
-    patch = model.parse_variant(variant).patch_size
-    if resolution < patch or resolution % patch:
-        lower, upper = max(patch, resolution // patch * patch), (resolution // patch + 1) * patch
-        raise PlanError(
-            f"resolution {resolution} is not a multiple of ViT-{variant}'s patch size {patch}: use {lower} or {upper}"
-        )
+    if problem := model.resolution_problem(resolution, variant, field="resolution"):
+        raise PlanError(problem)
     facts = ModelFacts.build(variant, img_size=resolution, num_classes=num_classes, pool=pool)
     micros = divisors_desc(batch)
     table = [
