@@ -442,7 +442,8 @@ def test_transfer_plan_that_fits_nowhere_names_a_bigger_gpu():
 
 
 def test_transfer_plan_rejects_bad_inputs_with_the_fix():
-    with pytest.raises(PlanError, match=r"resolution=384 is not a multiple of the patch size 14 of H/14: use e\.g\. 378 or 392"):
+    expected = r"resolution=384 is not a multiple of the patch size 14 of H/14: use e\.g\. 378 or 392"
+    with pytest.raises(PlanError, match=expected):
         planner.plan_transfer_memory("H/14", 384)
     with pytest.raises(PlanError, match="device 'Tesla T4' is unknown: use one of"):
         planner.plan_transfer_memory("B/16", 384, 512, "Tesla T4")
