@@ -70,14 +70,10 @@ def shuffle_buffer(items: Iterable[Any], size: int, rng: np.random.Generator) ->
 
 @dataclass
 class TrainStreams(IterableDataset):
-    """The per-worker sample streams of one rank; each DataLoader worker runs one stream and yields whole batches."""
+    """The per-worker sample streams of one rank's loader; each DataLoader worker runs one stream, from its
+    position in ``positions``, and yields whole batches."""
 
-    urls: list[str]
-    cfg: DataConfig
-    batch_size: int
-    rank: int
-    world_size: int
-    num_classes: int | None
+    loader: TrainLoader  # what the streams read: its shards, config, rank and batch size (not changed by reading)
     positions: list[tuple[int, int, int]]
     first_stream: int
 
@@ -89,24 +85,24 @@ class TrainStreams(IterableDataset):
         return self._stream(stream, workers)
 
     def _stream(self, stream: int, streams: int) -> Iterator[Batch]:
-        cfg = self.cfg
+        loader, cfg = self.loader, self.loader.cfg
         epoch, start_shard, skip = self.positions[stream]
-        where = f"rank {self.rank} stream {stream}"
+        where = f"rank {loader.rank} stream {stream}"
         batch = BatchBuilder(
-            batch_size=self.batch_size,
+            batch_size=loader.batch_size,
             image_size=cfg.image_size,
-            num_classes=self.num_classes,
+            num_classes=loader.num_classes,
             stream=stream,
             where=where,
             strict="data.strict=true" if cfg.strict else None,
         )
         while True:
             plan = shard_plan(
-                len(self.urls),
+                len(loader.urls),
                 seed=cfg.seed,
                 epoch=epoch,
-                rank=self.rank,
-                world_size=self.world_size,
+                rank=loader.rank,
+                world_size=loader.world_size,
                 stream=stream,
                 streams=streams,
                 resampled=cfg.resampled,
@@ -114,10 +110,10 @@ class TrainStreams(IterableDataset):
             whole_epoch = start_shard == 0 and skip == 0
             good_in_epoch = 0
             for shard_pos in range(start_shard, len(plan)):
-                url = self.urls[plan[shard_pos]]
+                url = loader.urls[plan[shard_pos]]
                 readable = 0
-                rng = np.random.default_rng([cfg.seed, epoch, self.rank, stream, shard_pos, 2])
-                aug_rng = np.random.default_rng([cfg.seed, epoch, self.rank, stream, shard_pos, 3])
+                rng = np.random.default_rng([cfg.seed, epoch, loader.rank, stream, shard_pos, 2])
+                aug_rng = np.random.default_rng([cfg.seed, epoch, loader.rank, stream, shard_pos, 3])
                 for i, sample in enumerate(shuffle_buffer(shardlib.iter_shard(url), cfg.shuffle_buffer, rng)):
                     readable += sample.error is None
                     # Every sample takes its draws, skipped or bad: later samples' augmentations stay the same.
@@ -135,7 +131,9 @@ class TrainStreams(IterableDataset):
                     raise DataError(f"{where}: shard {url} has no readable samples (empty, truncated or not a tar)")
                 skip = 0
             if whole_epoch and good_in_epoch == 0:
-                raise DataError(f"{where}: epoch {epoch} yielded no samples from shards {[self.urls[i] for i in plan]}")
+                raise DataError(
+                    f"{where}: epoch {epoch} yielded no samples from shards {[loader.urls[i] for i in plan]}"
+                )
             epoch, start_shard = epoch + 1, 0
 
 
@@ -205,18 +203,9 @@ class TrainLoader(TrainLoaderBase):
     # -- iteration ------------------------------------------------------------------------------------------------
 
     def batches(self) -> Iterator[Batch]:
-        dataset = TrainStreams(
-            self.urls,
-            self.cfg,
-            batch_size=self.batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
-            num_classes=self.num_classes,
-            positions=list(self._positions),
-            first_stream=self._next_stream,
-        )
+        streams = TrainStreams(self, positions=list(self._positions), first_stream=self._next_stream)
         loader = DataLoader(
-            dataset,
+            streams,
             batch_size=None,  # the workers batch: a batch then comes from exactly one worker
             num_workers=self.cfg.workers,
             prefetch_factor=2 if self.cfg.workers else None,
