@@ -16,6 +16,11 @@ On a laptop (embedded benchmarks, local Ray, SQLite MLflow under runs/):
 a recipe field of every benchmark (``steps``, ``lrs=0.003,0.01``, ``resolution``, ``micro_batch_size``...), or of
 one benchmark (``imagenet.micro_batch_size=64``). ``--dry-run`` validates everything and prints the plan.
 
+Memory: a GPU benchmark without ``micro_batch_size`` gets the largest micro-batch that fits the runs' GPU (and
+activation checkpointing only where nothing fits without it), planned before Ray starts for ``--set gpu=h100``
+(default ``auto``: the driver's GPU, else an assumed H100; sized again if the cluster's resources name another);
+a setting that cannot fit is refused with the fix. The printed plan says what was chosen for each benchmark.
+
 Exit codes: 0 every run finished; 1 the sweep completed but some runs failed (they are FAILED in MLflow);
 2 configuration or data error (nothing was started).
 """

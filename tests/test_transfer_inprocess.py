@@ -7,6 +7,8 @@ must start from exactly the checkpoint's weights, with its head dropped.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -15,12 +17,13 @@ import torch
 from fixtures.official_npz import to_official
 
 import model as vit_model
-from pipeline import storage
+from pipeline import planner, storage
 from pipeline.config import ConfigError
 from pipeline.config.transfer import build_config
 from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.transfer import tasks
-from pipeline.transfer.orchestrate import execute
+from pipeline.transfer.finetune import run_finetune, train_step
+from pipeline.transfer.orchestrate import describe_plan, execute, gpu_named_by, sized_for_the_cluster
 from pipeline.transfer.source import build_model
 from pipeline.transfer.sweep import plan_sweep
 
@@ -245,3 +248,152 @@ def test_a_refit_benchmark_whose_minival_has_other_classes_is_refused_at_plannin
     minival.write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match=r"'digits_refit': its final runs train on train \+ minival, which cannot"):
         plan_sweep(build_config(fields, [*FAST, "variant=Mi/4"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory: micro-batches and activation checkpointing planned for the GPU a run gets
+
+
+def _gpu_plan(data_root, url, *sets):
+    """The sweep with its runs on one GPU each at the paper's batch of 512 and 384 px (Mi/4: 9,217 tokens)."""
+    return plan_sweep(_config(data_root, url, "num_gpus=1", "batch_size=512", "resolution=384", *sets))
+
+
+def _recipe(plan):
+    (finetune,) = {spec.recipe for spec in plan.specs() if spec.kind == "finetune"}  # every run gets the plan's
+    return finetune
+
+
+def test_gpu_runs_get_the_largest_micro_batch_that_fits_their_gpu_and_the_plan_says_which(data_root, checkpoint):
+    _, url = checkpoint
+    chosen = {}
+    for gpu in ("a100-40", "h100"):
+        plan = _gpu_plan(data_root, url, f"gpu={gpu}")
+        recipe = _recipe(plan)
+        chosen[gpu] = (recipe.micro_batch_size, recipe.accumulation, recipe.grad_checkpointing)
+        assert recipe.micro_batch_size == planner.plan_transfer_memory("Mi/4", 384, 512, gpu, num_classes=5).micro_batch
+    assert chosen == {"a100-40": (64, 8, False), "h100": (256, 2, False)}
+    assert "memory: H100 80GB SXM (gpu=h100): micro-batch 256 x 2 accumulated, activation checkpointing off" in (
+        describe_plan(plan)
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="gpu=auto takes this machine's own GPU")
+def test_gpu_auto_on_a_driver_without_gpu_plans_for_an_h100_and_says_it_assumed_it(data_root, checkpoint):
+    _, url = checkpoint
+    plan = _gpu_plan(data_root, url)
+    assert plan.gpu.key == "h100" and _recipe(plan).micro_batch_size == 256
+    assert "gpu=auto assumed h100: --set gpu=<the runs' GPU>" in describe_plan(plan)
+
+
+def test_checkpointing_is_turned_on_where_only_it_fits_and_what_never_fits_is_refused_with_the_fix(
+    data_root, checkpoint
+):
+    _, url = checkpoint
+    # 6144 px (2.4M tokens): one image's activations alone overflow an A100 40GB unless blocks are recomputed.
+    recipe = _recipe(_gpu_plan(data_root, url, "gpu=a100-40", "resolution=6144"))
+    assert (recipe.micro_batch_size, recipe.grad_checkpointing) == (1, True)
+    with pytest.raises(ConfigError) as refused:
+        _gpu_plan(data_root, url, "gpu=a100-40", "resolution=6144", "grad_checkpointing=false")
+    assert "without activation checkpointing" in str(refused.value)
+    assert "drop --set digits_heldout.grad_checkpointing=false" in str(refused.value)
+    with pytest.raises(ConfigError) as refused:
+        _gpu_plan(data_root, url, "gpu=a100-40", "resolution=8192")
+    message = str(refused.value)
+    assert "even at micro-batch 1 with activation checkpointing" in message and "(a100-80, h100" in message
+    assert "--set gpu=<their kind>) or lower --set digits_heldout.resolution" in message
+    assert _recipe(_gpu_plan(data_root, url, "gpu=h200", "resolution=8192")).grad_checkpointing
+
+
+def test_a_micro_batch_set_by_hand_is_kept_where_it_fits_and_refused_naming_the_largest_that_does(
+    data_root, checkpoint
+):
+    _, url = checkpoint
+    plan = _gpu_plan(data_root, url, "gpu=a100-40", "micro_batch_size=32")
+    assert (_recipe(plan).micro_batch_size, _recipe(plan).grad_checkpointing) == (32, False)
+    assert "micro-batch 32 x 16 accumulated, activation checkpointing off" in describe_plan(plan)
+    # 128 fits only with checkpointing (the planner's own choice is 64 without): kept, with checkpointing on ...
+    recipe = _recipe(_gpu_plan(data_root, url, "gpu=a100-40", "micro_batch_size=128"))
+    assert (recipe.micro_batch_size, recipe.grad_checkpointing) == (128, True)
+    # ... unless checkpointing is ruled out.
+    with pytest.raises(ConfigError, match=r"digits_heldout.micro_batch_size=128 needs .* A100 40GB .* lower it to 64"):
+        _gpu_plan(data_root, url, "gpu=a100-40", "micro_batch_size=128", "grad_checkpointing=false")
+
+
+def test_cpu_runs_keep_the_whole_batch_and_the_plan_says_no_memory_limit_applies(data_root, checkpoint):
+    _, url = checkpoint
+    plan = plan_sweep(_config(data_root, url, "gpu=a100-40"))  # digits_heldout's recipe runs on CPU
+    recipe = _recipe(plan)
+    assert (recipe.micro_batch_size, recipe.accumulation, recipe.grad_checkpointing) == (8, 1, False)
+    assert "memory: CPU runs: no memory limit applied; micro-batch 8 x 1 accumulated" in describe_plan(plan)
+    # Even at a size no GPU would hold: the CPU run is not sized.
+    assert _recipe(plan_sweep(_config(data_root, url, "resolution=8192"))).micro_batch_size == 8
+
+
+def test_a_fine_tuning_run_with_checkpointing_recomputes_its_blocks_and_trains_the_same(
+    data_root, checkpoint, monkeypatch
+):
+    import model.vit
+
+    _, url = checkpoint
+    (spec,) = [s for s in plan_sweep(_config(data_root, url)).specs() if s.kind == "finetune"]
+    recomputed = []
+
+    def counting_checkpoint(*args, **kwargs):
+        recomputed.append(1)
+        return torch.utils.checkpoint.checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(model.vit, "checkpoint", counting_checkpoint)
+    runs = {}
+    for ckpt in (False, True):
+        losses = []
+
+        def keep_loss(metrics: dict, step: int, losses=losses) -> None:
+            if "train_loss" in metrics:
+                losses.append(metrics["train_loss"])
+
+        one = dataclasses.replace(spec, recipe=spec.recipe.model_copy(update={"grad_checkpointing": ckpt}))
+        metrics = run_finetune(one, keep_loss)
+        runs[ckpt] = (len(recomputed), losses, metrics["test_accuracy"])
+    assert runs[False][0] == 0 and runs[True][0] > 0
+    assert runs[True][1] == pytest.approx(runs[False][1], abs=1e-5) and runs[True][2] == runs[False][2]
+
+
+def test_an_accumulated_step_gives_the_update_of_one_full_batch():
+    """4 micro-batches of 2 accumulated == one batch of 8: same loss, gradient norm and weights after SGD with
+    momentum and clipping (clip 0.5 is active here, so the norm must be of the accumulated gradient)."""
+    torch.manual_seed(0)
+    whole = vit_model.create_vit("Mi/4", num_classes=5, img_size=16, head_zero_init=False)
+    accumulated = copy.deepcopy(whole)
+    before = copy.deepcopy(whole.state_dict())
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.randint(0, 5, (8,))
+
+    def step(vit, accumulation):
+        vit.train()
+        optimizer = torch.optim.SGD(vit.parameters(), lr=0.1, momentum=0.9)
+        micro = len(images) // accumulation
+        batches = iter([(images[i : i + micro], labels[i : i + micro]) for i in range(0, len(images), micro)])
+        return train_step(vit, optimizer, batches, accumulation=accumulation, grad_clip=0.5, device=torch.device("cpu"))
+
+    (loss_1, norm_1), (loss_4, norm_4) = step(whole, 1), step(accumulated, 4)
+    assert norm_1 > 0.5  # clipping acted
+    assert loss_4 == pytest.approx(loss_1, abs=1e-6) and norm_4 == pytest.approx(norm_1, rel=1e-5)
+    moved = max((whole.state_dict()[k] - before[k]).abs().max().item() for k in before)
+    diff = max((whole.state_dict()[k] - accumulated.state_dict()[k]).abs().max().item() for k in before)
+    assert moved > 1e-3 and diff <= 1e-6, (moved, diff)
+
+
+def test_a_cluster_whose_resources_name_another_gpu_gets_its_runs_sized_again_for_it(data_root, checkpoint):
+    _, url = checkpoint
+    assert gpu_named_by({"CPU": 16.0, "GPU": 8.0, "accelerator_type:H100": 1.0}).key == "h100"
+    assert gpu_named_by({"accelerator_type:H100": 1.0, "accelerator_type:A100": 1.0}).key == "a100-40"  # the least
+    assert gpu_named_by({"CPU": 2.0}) is None
+    planned = _gpu_plan(data_root, url, "gpu=h100")
+    for resources, micro in [({"accelerator_type:A100": 1.0}, 256), ({"CPU": 2.0}, 256)]:
+        assert _recipe(sized_for_the_cluster(planned, resources)).micro_batch_size == micro  # gpu= set: kept
+    auto = dataclasses.replace(planned, cfg=planned.cfg.model_copy(update={"gpu": "auto"}))
+    resized = sized_for_the_cluster(auto, {"accelerator_type:A100": 1.0})
+    assert resized.gpu.key == "a100-40" and _recipe(resized).micro_batch_size == 64
+    assert "A100 40GB (the Ray cluster's GPUs): micro-batch 64 x 8" in describe_plan(resized)
+    assert sized_for_the_cluster(auto, {"CPU": 2.0}) is auto  # names no GPU: as planned

@@ -47,6 +47,10 @@ class TransferConfig(pydantic.BaseModel, extra="forbid"):
     recipe: dict[str, Any] = pydantic.Field(default_factory=dict)
     benchmark_recipes: dict[str, dict[str, Any]] = pydantic.Field(default_factory=dict)
     num_gpus: float | None = None  # GPUs per run for every benchmark (e.g. 0 on a CPU cluster); default: recipe's
+    # The GPU a run gets, for planning each benchmark's micro-batch and activation checkpointing
+    # (pipeline.planner.plan_transfer_memory). auto: the GPU the Ray cluster's resources name
+    # (accelerator_type:H100 ...), else the driver's own, else h100; null: no planning and no memory check.
+    gpu: Literal["auto", "a100-40", "a100-80", "h100", "h200"] | None = "auto"
     loader_workers: int = 0  # DataLoader worker processes inside each run
     max_retries: int = 0  # Ray retries of a task whose worker died; 0 reports it FAILED at once
     tracking_uri: str = pydantic.Field(default_factory=default_tracking_uri)

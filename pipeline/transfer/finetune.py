@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -117,6 +117,36 @@ def real_accuracy(predictions: np.ndarray, real_labels: list[list[int]]) -> floa
 MetricSink = Callable[[dict[str, float], int], None]
 
 
+def train_step(
+    vit: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    accumulation: int,
+    grad_clip: float,
+    device: torch.device,
+) -> tuple[float, float]:
+    """One optimizer step over ``accumulation`` micro-batches of (uint8 images, labels); returns the loss and the
+    gradient norm before clipping. Each micro-batch's mean loss is divided by their number, so the accumulated
+    gradient is the mean over the whole batch: the same update as one pass over it (a ViT has no batch statistics).
+    """
+    from pipeline.data import normalize
+
+    loss_sum = 0.0
+    for _ in range(accumulation):
+        images, labels = next(batches)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = vit(normalize(images))
+        loss = F.cross_entropy(logits.float(), labels) / accumulation
+        loss.backward()
+        loss_sum += float(loss.detach())
+    grad_norm = torch.nn.utils.clip_grad_norm_(vit.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, float(grad_norm)
+
+
 def run_finetune(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[str, float]:
     """Fine-tune as the paper's Table 4 and return the final minival/test (and ReaL) accuracy.
 
@@ -124,7 +154,7 @@ def run_finetune(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[s
     resolution; SGD with momentum, no weight decay, global-norm clipping, warmup + cosine; micro-batches
     accumulate to the recipe's batch.
     """
-    from pipeline.data import DataConfig, build_train_loader, normalize
+    from pipeline.data import DataConfig, build_train_loader
     from pipeline.data.config import join_sources
 
     sink = log_metrics or (lambda metrics, step: None)
@@ -135,6 +165,8 @@ def run_finetune(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[s
     vit.drop_representation()
     vit.reset_head(spec.num_classes, zero_init=True)
     vit.set_img_size(recipe.resolution)
+    # Planned by the sweep (pipeline.transfer.sweep.fit_memory) where the micro-batch would not fit without it.
+    vit.set_grad_checkpointing(bool(recipe.grad_checkpointing))
     vit.to(device)
 
     # Built after the head and position-embedding changes: those replace parameters.
@@ -189,18 +221,9 @@ def run_finetune(spec: RunSpec, log_metrics: MetricSink | None = None) -> dict[s
         lr = warmup_cosine(step, peak_lr=spec.lr, warmup_steps=recipe.warmup_steps, total_steps=recipe.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
-        for _ in range(recipe.accumulation):
-            images, labels = next(batches)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = vit(normalize(images))
-            loss = F.cross_entropy(logits.float(), labels) / recipe.accumulation
-            loss.backward()
-            loss_sum += float(loss.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(vit.parameters(), recipe.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum, grad_norm = train_step(
+            vit, optimizer, batches, accumulation=recipe.accumulation, grad_clip=recipe.grad_clip, device=device
+        )
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"{spec.name}: loss became {loss_sum} at step {step + 1}; lower the learning rate")
         running_loss += loss_sum

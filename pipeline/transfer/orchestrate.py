@@ -11,7 +11,7 @@ parent gets the rows of ``summarise``. ``execute`` runs one spec, in-process or 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -20,10 +20,11 @@ import torch
 from pipeline import results
 from pipeline.cluster import ResourceNeed, check_resources, connect_ray, joins_existing_cluster
 from pipeline.config.transfer import TransferConfig, build_config
+from pipeline.planner.hardware import GpuSpec, detect_gpu
 from pipeline.transfer.fewshot import run_fewshot
 from pipeline.transfer.finetune import RunSpec, run_finetune
 from pipeline.transfer.summary import ERROR_TAG, MAX_TAG_CHARS, RunOutcome, choose_lr, summarise
-from pipeline.transfer.sweep import SweepPlan, plan_sweep
+from pipeline.transfer.sweep import SweepPlan, fit_memory, plan_sweep, planning_gpu
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,9 @@ def run_sweep(
     if cfg is None:
         cfg = plan.cfg if plan is not None else build_config(fields, sets)
     plan = plan if plan is not None else plan_sweep(cfg)  # a caller that printed the plan passes it: checked once
-    specs = plan.specs()
     connect_ray(cfg.ray_address)
+    plan = sized_for_the_cluster(plan, ray.cluster_resources())
+    specs = plan.specs()
     # Only a local Ray cannot grow; a cluster we joined may have an autoscaler (it warns instead of failing).
     check_resources(resource_needs(specs), can_grow=joins_existing_cluster(cfg.ray_address))
 
@@ -199,6 +201,24 @@ def run_sweep(
     return SweepResult(parents["pretrained"], parents.get("scratch"), outcomes, summaries)
 
 
+def gpu_named_by(resources: Mapping[str, float]) -> GpuSpec | None:
+    """The GPU a Ray cluster's resources name (Ray adds ``accelerator_type:<model>``, e.g. ``accelerator_type:H100``,
+    for the GPUs it detects); with several kinds, the one with the least memory, since a run may land on any."""
+    kinds = [detect_gpu(key.split(":", 1)[1]) for key in resources if key.startswith("accelerator_type:")]
+    return min((g for g in kinds if g is not None), key=lambda g: g.memory_gib, default=None)
+
+
+def sized_for_the_cluster(plan: SweepPlan, resources: Mapping[str, float]) -> SweepPlan:
+    """With gpu=auto, the micro-batches were sized before Ray for the driver's GPU or an assumed H100; a cluster
+    whose resources name another GPU gets them sized again for it (ConfigError if something no longer fits)."""
+    named = gpu_named_by(resources) if plan.cfg.gpu == "auto" else None
+    if named is None or plan.gpu is None or named.key == plan.gpu.key:
+        return plan
+    plan = fit_memory(plan, *planning_gpu(plan.cfg, cluster_gpu=named))
+    log.info("the Ray cluster's GPUs are %s: micro-batches sized again for them\n%s", named.name, describe_memory(plan))
+    return plan
+
+
 def _final_runs_due(plan: SweepPlan, outcomes: list[RunOutcome], last: RunSpec) -> list[RunSpec]:
     """The final runs of ``last``'s benchmark once its last selection run is in (none if every one failed)."""
     if last.kind != "finetune" or last.stage != "select" or not last.recipe.refit:
@@ -253,4 +273,10 @@ def describe_plan(plan: SweepPlan) -> str:
             f"batch {r.batch_size}, lrs {list(r.lrs)}, seeds {r.seeds} -> {how} runs"
             + (" (x2 with scratch)" if "scratch" in plan.inits else "")
         )
+        if p.memory:
+            lines.append(f"    memory: {p.memory}")
     return "\n".join(lines)
+
+
+def describe_memory(plan: SweepPlan) -> str:
+    return "\n".join(f"  {p.benchmark.name}: {p.memory}" for p in plan.benchmarks if p.memory)

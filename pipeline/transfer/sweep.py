@@ -6,20 +6,28 @@ data every run will read: each split's manifest and number of classes, enough im
 few-shot counts, train + minival readable as one set for refit runs, ReaL labels matching the test split, and
 fine-tuning resolutions that fit the patch size. Every problem is collected into one ``ConfigError``. The
 result, a ``SweepPlan``, lists the runs (``RunSpec``) to submit.
+
+``fit_memory`` then sizes every GPU benchmark for the GPU its runs get (``planning_gpu``): a recipe without
+``micro_batch_size`` gets the largest micro-batch that fits (``pipeline.planner.plan_transfer_memory``), with
+activation checkpointing only where nothing fits without it; a given micro-batch is checked. What cannot fit even
+at micro-batch 1 with checkpointing is refused with the fix. CPU runs keep the whole batch (no memory limit is
+applied there). ``orchestrate.run_sweep`` sizes again if the Ray cluster turns out to have another GPU.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pydantic
+import torch
 
 from model.variants import resolution_problem
-from pipeline import storage
+from pipeline import planner, storage
 from pipeline.config import ConfigError, format_errors
 from pipeline.config.transfer import TransferConfig, local_data_root
+from pipeline.planner.memory import format_gib
 from pipeline.transfer import tasks
 from pipeline.transfer.finetune import RunSpec
 from pipeline.transfer.source import PretrainedSource, resolve_pretrained
@@ -30,8 +38,15 @@ log = logging.getLogger(__name__)
 @dataclass
 class BenchmarkPlan:
     benchmark: tasks.Benchmark
-    recipe: tasks.Recipe
+    recipe: tasks.Recipe  # as the runs get it: fit_memory fills in micro_batch_size and grad_checkpointing
     urls: dict[str, str]
+    # As configured (what fit_memory starts from, also when it sizes again for another GPU); default: recipe.
+    requested: tasks.Recipe | None = None
+    memory: str = ""  # what fit_memory chose and for which device, for the printed plan
+
+    def __post_init__(self) -> None:
+        if self.requested is None:
+            self.requested = self.recipe
 
 
 @dataclass
@@ -40,6 +55,10 @@ class SweepPlan:
     source: PretrainedSource
     benchmarks: list[BenchmarkPlan]
     inits: list[str]
+    gpu: planner.GpuSpec | None = None  # the GPU the GPU runs are sized for (None: gpu=null, not sized)
+
+    def num_gpus(self, p: BenchmarkPlan) -> float:
+        return p.recipe.num_gpus if self.cfg.num_gpus is None else self.cfg.num_gpus
 
     def _run(self, p: BenchmarkPlan, init: str, **fields: Any) -> RunSpec:
         cfg = self.cfg
@@ -50,7 +69,7 @@ class SweepPlan:
             init=init,  # type: ignore[arg-type]
             source=self.source,
             urls=p.urls,
-            num_gpus=p.recipe.num_gpus if cfg.num_gpus is None else cfg.num_gpus,
+            num_gpus=self.num_gpus(p),
             loader_workers=cfg.loader_workers,
             tracking_uri=cfg.tracking_uri,
             **fields,
@@ -145,7 +164,106 @@ def plan_sweep(cfg: TransferConfig) -> SweepPlan:
     if problems:
         raise ConfigError(problems)
     inits = ["pretrained", "scratch"] if cfg.scratch else ["pretrained"]
-    return SweepPlan(cfg=cfg, source=source, benchmarks=plans, inits=inits)  # type: ignore[arg-type]
+    plan = SweepPlan(cfg=cfg, source=source, benchmarks=plans, inits=inits)  # type: ignore[arg-type]
+    return fit_memory(plan, *planning_gpu(cfg))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# memory: the micro-batch and activation checkpointing each benchmark's runs use
+
+
+def planning_gpu(cfg: TransferConfig, cluster_gpu: planner.GpuSpec | None = None) -> tuple[planner.GpuSpec | None, str]:
+    """The GPU the runs are sized for, and how it was decided (said in the printed plan)."""
+    if cfg.gpu is None:
+        return None, "gpu=null"
+    if cfg.gpu != "auto":
+        return planner.GPUS[cfg.gpu], f"gpu={cfg.gpu}"
+    if cluster_gpu is not None:
+        return cluster_gpu, "the Ray cluster's GPUs"
+    if torch.cuda.is_available():
+        here = planner.detect_gpu(torch.cuda.get_device_name())
+        if here is not None:
+            return here, "this machine's GPU"
+    return planner.GPUS["h100"], "gpu=auto assumed h100: --set gpu=<the runs' GPU>, or gpu=null to skip this"
+
+
+def fit_memory(plan: SweepPlan, gpu: planner.GpuSpec | None, how: str) -> SweepPlan:
+    """``plan`` with each benchmark's micro-batch and activation checkpointing chosen (or checked) for the device
+    its runs get; ConfigError naming the fix for every benchmark that cannot fit."""
+    problems, fitted = [], []
+    for p in plan.benchmarks:
+        try:
+            recipe, note = _fit_recipe(p, plan, gpu, how)
+        except ConfigError as exc:
+            problems += exc.problems
+            continue
+        fitted.append(replace(p, recipe=recipe, memory=note))
+    if problems:
+        raise ConfigError(problems)
+    return replace(plan, benchmarks=fitted, gpu=gpu)
+
+
+def _fit_recipe(p: BenchmarkPlan, plan: SweepPlan, gpu: planner.GpuSpec | None, how: str) -> tuple[tasks.Recipe, str]:
+    r, name = p.requested or p.recipe, p.benchmark.name
+    if plan.num_gpus(p) == 0 or gpu is None:
+        micro, ckpt = r.micro_batch_size or r.batch_size, bool(r.grad_checkpointing)
+        why = "CPU runs: no memory limit applied" if plan.num_gpus(p) == 0 else f"{how}: not sized or checked"
+        return r.model_copy(update={"micro_batch_size": micro, "grad_checkpointing": ckpt}), (
+            f"{why}; micro-batch {micro} x {r.batch_size // micro} accumulated, activation checkpointing "
+            f"{'on' if ckpt else 'off'}"
+        )
+    variant, pool = plan.source.spec["variant"], plan.source.spec.get("pool") or "token"
+    facts_args = {"img_size": r.resolution, "num_classes": p.benchmark.num_classes, "pool": pool}
+    try:
+        best = planner.plan_transfer_memory(
+            variant,
+            r.resolution,
+            r.batch_size,
+            gpu,
+            num_classes=p.benchmark.num_classes,
+            grad_checkpointing=r.grad_checkpointing,
+            momentum=r.momentum,
+            pool=pool,
+        )
+    except planner.DoesNotFitError as exc:
+        with_ckpt = planner.estimate_finetune_memory(
+            planner.ModelFacts.build(variant, **facts_args), 1, grad_checkpointing=True, momentum=r.momentum
+        )
+        if r.grad_checkpointing is False and with_ckpt.total <= gpu.usable_bytes:
+            fix = f"drop --set {name}.grad_checkpointing=false (the planning turns it on where needed)"
+        else:
+            fix = f"run it on GPUs with more memory (--set gpu=<their kind>) or lower --set {name}.resolution"
+        raise ConfigError([f"{name}: {exc} [GPU: {how}]. Fix: {fix}"]) from None
+    except planner.PlanError:
+        return r, ""  # a resolution the patch size does not divide: _check_resolutions reported it
+    chosen, given = best.memory, r.micro_batch_size is not None
+    if given:
+        options = [r.grad_checkpointing] if r.grad_checkpointing is not None else [False, True]
+        estimates = [
+            planner.estimate_finetune_memory(best.facts, r.micro_batch_size, grad_checkpointing=c, momentum=r.momentum)
+            for c in options
+        ]
+        fitting = [m for m in estimates if m.total <= gpu.usable_bytes]
+        if not fitting:
+            ckpt_words = " even with activation checkpointing" if options[-1] else " without activation checkpointing"
+            raise ConfigError(
+                [
+                    f"{name}.micro_batch_size={r.micro_batch_size} needs {format_gib(estimates[-1].total)}"
+                    f" on one {gpu.name}{ckpt_words} ({format_gib(gpu.usable_bytes)} usable) "
+                    f"[GPU: {how}]: lower it to {best.micro_batch} (the largest that fits"
+                    f"{', with checkpointing' if best.grad_checkpointing else ''}) or drop it to have it chosen"
+                ]
+            )
+        chosen = fitting[0]
+    recipe = r.model_copy(
+        update={"micro_batch_size": chosen.micro_batch, "grad_checkpointing": chosen.grad_checkpointing}
+    )
+    return recipe, (
+        f"{gpu.name} ({how}): micro-batch {chosen.micro_batch} x {r.batch_size // chosen.micro_batch} accumulated, "
+        f"activation checkpointing {'on' if chosen.grad_checkpointing else 'off'}, "
+        f"{format_gib(chosen.total)} of {format_gib(gpu.usable_bytes)} usable"
+        f"{' (micro-batch as set)' if given else ''}"
+    )
 
 
 def _check_benchmark_data(b: tasks.Benchmark, urls: dict[str, str], root: str, *, min_per_class: int) -> list[str]:
