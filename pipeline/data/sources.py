@@ -181,12 +181,20 @@ def _cifar_samples(batch: dict[str, object], label_key: str, prefix: str) -> lis
     return samples
 
 
+def _cifar_root_and_classes(
+    input_dir: Path | None, name: str, archive_dir: str, meta_file: str, names_key: str
+) -> tuple[Path, list[str]]:
+    """The directory with a CIFAR download's batches (the archive's own folder inside ``input_dir``, or
+    ``input_dir`` itself) and the class names from its meta file."""
+    root = _need_dir(input_dir, name)
+    if (root / archive_dir).is_dir():
+        root = root / archive_dir
+    meta = _unpickle(root / meta_file)
+    return root, [n.decode() if isinstance(n, bytes) else n for n in meta[names_key]]  # type: ignore[attr-defined]
+
+
 def cifar10(input_dir: Path | None, seed: int) -> Source:
-    root = _need_dir(input_dir, "cifar10")
-    if (root / "cifar-10-batches-py").is_dir():
-        root = root / "cifar-10-batches-py"
-    meta = _unpickle(root / "batches.meta")
-    classes = [n.decode() if isinstance(n, bytes) else n for n in meta["label_names"]]  # type: ignore[attr-defined]
+    root, classes = _cifar_root_and_classes(input_dir, "cifar10", "cifar-10-batches-py", "batches.meta", "label_names")
     train = []
     for i in range(1, 6):
         train += _cifar_samples(_unpickle(root / f"data_batch_{i}"), "labels", f"train{i}")
@@ -197,11 +205,7 @@ def cifar10(input_dir: Path | None, seed: int) -> Source:
 
 
 def cifar100(input_dir: Path | None, seed: int) -> Source:
-    root = _need_dir(input_dir, "cifar100")
-    if (root / "cifar-100-python").is_dir():
-        root = root / "cifar-100-python"
-    meta = _unpickle(root / "meta")
-    classes = [n.decode() if isinstance(n, bytes) else n for n in meta["fine_label_names"]]  # type: ignore[attr-defined]
+    root, classes = _cifar_root_and_classes(input_dir, "cifar100", "cifar-100-python", "meta", "fine_label_names")
     train = _cifar_samples(_unpickle(root / "train"), "fine_labels", "train")
     test = _cifar_samples(_unpickle(root / "test"), "fine_labels", "test")
     train, minival = _holdout(train, 0.02, seed)
