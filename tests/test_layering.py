@@ -77,10 +77,11 @@ def test_the_layering_rules_hold_for_every_import():
                 broken.append(f"{module} -> {target} (pipeline.data imports no stage)")
             if _within(module, "pipeline.transfer") and _within(target, "pipeline.pretrain"):
                 broken.append(f"{module} -> {target} (transfer never imports pretrain)")
-            for stage in STAGES:
-                ground_floor = module.startswith("pipeline.") and not any(_within(module, s) for s in STAGES)
-                if ground_floor and _within(target, stage) and not _within(module, "pipeline.config"):
-                    broken.append(f"{module} -> {target} (the ground floor imports no stage)")
+            ground_floor = module.startswith("pipeline.") and not any(_within(module, s) for s in STAGES)
+            # The transfer config validates recipe fields against the benchmark registry, the one exception.
+            allowed = _within(module, "pipeline.config") and target == "pipeline.transfer.tasks"
+            if ground_floor and any(_within(target, s) for s in STAGES) and not allowed:
+                broken.append(f"{module} -> {target} (the ground floor imports no stage)")
     assert not broken, "layering broken:\n" + "\n".join(broken)
 
 
