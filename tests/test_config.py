@@ -328,7 +328,7 @@ def test_preflight_tells_how_to_make_the_demo_data(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("VITPIPE_HOME", str(tmp_path))  # where the demo data would be: not made yet
     with pytest.raises(ConfigError) as excinfo:
         check_before_launch(load_config("tiny"))
-    assert f"jobs/prepare_data.py --source digits --classes 0-4 --split train --out file://{tmp_path}/runs/data" in (
+    assert f"jobs/prepare_data.py --source digits --classes 0-4 --split all --out file://{tmp_path}/runs/data" in (
         _problems(excinfo)
     )
 

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from model.variants import parse_variant, resolution_problem
 from pipeline import storage
 from pipeline.config import paths
+from pipeline.config.evaluation import EvalSection, fewshot_sets
 from pipeline.config.overrides import ConfigError, validate
 from pipeline.data import DataConfig
 from pipeline.data.config import split_sources
@@ -46,6 +47,11 @@ class RunSection(Section):
     root: str = Field(
         default_factory=paths.default_runs_root,
         description="Storage URL (file://, gs://) under which <name>/checkpoints and <name>/export are written.",
+    )
+    shared_filesystem: bool = Field(
+        default=False,
+        description="A file:// run.root that every Ray node mounts (NFS, Filestore). Without it a file:// root is "
+        "refused on a cluster of several nodes: each node would keep its own checkpoints.",
     )
 
     @field_validator("name")
@@ -133,6 +139,13 @@ class TrainSection(Section):
         description="Write which samples each rank trained on at each step, per attempt, to <run>/ledger/ "
         "(pipeline/ledger.py): an audit aid for short runs and the reliability tests.",
     )
+    max_skipped_steps: int = Field(
+        default=10,
+        ge=0,
+        description="Stop the run once DeepSpeed has skipped more optimizer steps than this because their gradients "
+        "were not finite (an fp16/bf16 overflow, or a gradient blow-up in fp32 ZeRO-1/2); skipped steps consume "
+        "their samples without training on them, and are counted in train/skipped_steps.",
+    )
     stop_at_step: int | None = Field(
         default=None,
         ge=1,
@@ -213,6 +226,7 @@ class PretrainConfig(Section):
     scale: ScaleSection = Field(default_factory=ScaleSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
     @model_validator(mode="after")
     def _cross_field(self) -> PretrainConfig:
@@ -255,6 +269,13 @@ class PretrainConfig(Section):
                 f"train.stop_at_step={self.train.stop_at_step} is past train.steps={self.train.steps}: "
                 "lower it or drop it"
             )
+        if self.eval.every_steps and self.data.eval is None and not self.eval.fewshot:
+            problems.append(
+                f"eval.every_steps={self.eval.every_steps} but there is nothing to evaluate: set data.eval (held-out "
+                "shards) and/or eval.fewshot (benchmarks), or set eval.every_steps=0"
+            )
+        if self.eval.fewshot and not self.eval.every_steps:
+            problems.append("eval.fewshot is set but eval.every_steps=0 never evaluates: set e.g. eval.every_steps=500")
         if self.scale.launcher == "local" and self.data.engine == "ray":
             problems.append(
                 "data.engine=ray needs Ray Data, which scale.launcher=local does without: use data.engine=webdataset "
@@ -361,6 +382,9 @@ class RunLayout:
     class_names: list[str] | None
     bf16: bool
     resume_step: int | None = None  # set by train.preflight when a complete checkpoint exists: the workers must find it
+    # eval.fewshot resolved against the transfer registry (``config.evaluation.FewShotSet`` as dicts, so that the
+    # layout stays plain data on its way to the workers).
+    fewshot_sets: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -423,4 +447,5 @@ def make_layout(cfg: PretrainConfig, info: Any) -> RunLayout:
         samples_per_epoch=info.num_samples,
         class_names=info.class_names,
         bf16=cfg.use_bf16,
+        fewshot_sets=tuple(asdict(s) for s in fewshot_sets(cfg.eval)),
     )

@@ -30,6 +30,7 @@ import torch
 from pipeline import cluster, faults, storage, tracking
 from pipeline.config import ConfigError, PretrainConfig, RunLayout, check_durable_defaults, make_layout
 from pipeline.pretrain import checkpoints as ckpt
+from pipeline.pretrain.evaluation import check_evaluation
 from pipeline.pretrain.launch import check_local_world
 from pipeline.pretrain.trainer import DIVERGED_MARKER, LossNotFiniteError, checkpoint_info, train_worker
 
@@ -46,6 +47,9 @@ def check_before_launch(cfg: PretrainConfig) -> RunLayout:
         raise ConfigError(problems)
     plan = make_layout(cfg, _check_data(cfg))
     check_memory(cfg, plan)
+    evaluation = check_evaluation(cfg, plan)
+    if evaluation:
+        log.info(f"[{plan.run_name}] {evaluation}")
     return _with_resume_step(cfg, plan)
 
 
@@ -68,7 +72,7 @@ def _with_resume_step(cfg: PretrainConfig, plan: RunLayout) -> RunLayout:
     workers must then resume from it (or a later one), never from scratch."""
     try:
         ref = ckpt.latest_complete(plan.checkpoint_dir)
-    except storage.StorageError as exc:  # an unreadable completion marker: a person has to look at it
+    except (storage.StorageError, ckpt.CheckpointError) as exc:  # an unreadable or unsafe marker: a person must look
         raise ConfigError([f"run.name={plan.run_name}: {exc}"]) from None
     if ref is None:
         return plan
@@ -194,6 +198,8 @@ def run(cfg: PretrainConfig, plan: RunLayout, fit: Callable[[str | None], dict[s
             done,
         )
         return RunResult("already-complete", plan.total_steps, done, None, {})
+    if fit is None:
+        check_cluster_storage(cfg)  # before anything is written or tracked
     # A new submission is a deliberate retry after a divergence (e.g. with a lower lr): lift the stop.
     storage.remove(storage.join(plan.run_dir, DIVERGED_MARKER))
 
@@ -238,6 +244,18 @@ def _fit_on_ray(cfg: PretrainConfig, plan: RunLayout, mlflow_run_id: str | None)
     return dict(result.metrics or {})
 
 
+def check_cluster_storage(cfg: PretrainConfig) -> None:
+    """Refuse a node-local ``file://`` run root on a cluster of several nodes (``shared_storage.check_shared_root``),
+    before any worker starts. Raises ConfigError."""
+    import ray
+
+    from pipeline.pretrain.shared_storage import check_shared_root
+
+    problems = check_shared_root(cfg.run.root, cfg.run.shared_filesystem, ray.nodes())
+    if problems:
+        raise ConfigError(problems)
+
+
 def _torch_trainer(cfg: PretrainConfig, plan: RunLayout, mlflow_run_id: str | None) -> Any:
     """Ray Train's trainer: ``scale.workers`` workers, each running ``trainer.train_worker``."""
     import ray.train
@@ -247,13 +265,15 @@ def _torch_trainer(cfg: PretrainConfig, plan: RunLayout, mlflow_run_id: str | No
     resources = {"CPU": cfg.scale.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.scale.gpus_per_worker
-    local_root = storage.local_path(cfg.run.root)
+    from pipeline.pretrain.shared_storage import ray_storage
+
     datasets = None
     if cfg.data.engine == "ray":
         from pipeline.data import ray_datasets
 
         datasets = ray_datasets(cfg.data)
     payload = {"config": cfg.model_dump(mode="json"), "plan": plan.to_dict(), "mlflow_run_id": mlflow_run_id}
+    ray_path, ray_filesystem = ray_storage(plan.run_dir)
     return TorchTrainer(
         train_worker,
         train_loop_config=payload,
@@ -266,8 +286,10 @@ def _torch_trainer(cfg: PretrainConfig, plan: RunLayout, mlflow_run_id: str | No
         ),
         run_config=ray.train.RunConfig(
             name=plan.run_name,
-            # Ray keeps only its bookkeeping here (no checkpoints are reported to it).
-            storage_path=str(local_root / plan.run_name / "ray") if local_root else None,
+            # Ray keeps only its bookkeeping here (no checkpoints are reported to it), on the run's storage: a
+            # node's own ~/ray_results is not readable from the others.
+            storage_path=ray_path,
+            storage_filesystem=ray_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scale.max_failures),
             # Ray workers inherit the environment of the node's raylet, not the driver's: without this, workers
             # would read and write another storage than the one the driver checked.

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pipeline import faults, storage, tracking
 from pipeline.config import PretrainConfig, RunLayout
 from pipeline.pretrain import checkpoints as ckpt
-from pipeline.pretrain import ledger
+from pipeline.pretrain import health, ledger
 from pipeline.pretrain.launch import RayWorkerContext, WorkerContext
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,12 @@ def device_peak_flops(device: torch.device) -> float | None:
         return None
     spec = detect_gpu(torch.cuda.get_device_name(device))
     return spec.peak_bf16_flops if spec is not None else None
+
+
+def model_flops_utilization(images_per_s: float, flops_per_image: float, peak_flops: float, workers: int) -> float:
+    """The share of the workers' peak the model's own training FLOPs use (PaLM's MFU): what every image costs
+    (forward + backward, ``model.train_flops_per_image``) times the images per second, over the peak of all workers."""
+    return images_per_s * flops_per_image / (peak_flops * workers)
 
 
 def format_eta(seconds: float) -> str:
@@ -146,6 +152,7 @@ class Trainer:
         self.digest = ""  # see update_digest
         self.last_good: str | None = None  # the latest checkpoint on storage
         self.losses = LossTrace()
+        self.evaluator: Any = None  # built at the first evaluation step (see evaluate)
 
     def train(self) -> None:
         """Set up, resume, train to ``plan.stop_step`` (checkpointing on the way), export when done, report."""
@@ -155,11 +162,13 @@ class Trainer:
         self.window = Window()
         self.run_start, self.run_start_step = time.perf_counter(), self.step
         self.engine.train()
+        self.evaluate()  # resumed at an evaluation step whose evaluation never ran: run it now
         while self.step < plan.stop_step:
             loss, keys, epochs = self.train_step()
             self.losses.add(loss)
             if self.step % cfg.train.log_every == 0 or self.step == plan.stop_step:
                 self.log_progress(loss)
+            self.evaluate()
             self.maybe_checkpoint()
             if self.ledger is not None:
                 self.ledger.record(self.step, keys, epochs, loss)
@@ -216,9 +225,12 @@ class Trainer:
         self.peak_flops = device_peak_flops(self.device)
 
     def find_checkpoint(self) -> ckpt.CheckpointRef | None:
-        """The latest complete checkpoint; refuses to start over when the driver saw one this rank cannot find."""
+        """The latest complete checkpoint (rank 0's choice, on every rank); refuses to start over when the driver saw
+        one this rank cannot find."""
+        from pipeline.pretrain.shared_storage import agreed_checkpoint
+
         plan = self.plan
-        ref = ckpt.latest_complete(plan.checkpoint_dir, quiet=self.rank != 0)
+        ref = agreed_checkpoint(plan.checkpoint_dir, rank=self.rank)
         if plan.resume_step is not None and (ref is None or ref.step < plan.resume_step):
             found = f"only the one of step {ref.step}" if ref is not None else "no complete checkpoint"
             raise ckpt.CheckpointError(
@@ -251,6 +263,7 @@ class Trainer:
             self.ledger = ledger.StepLedger(
                 plan.run_dir, self.rank, resumed_from_step=self.step, checkpoint=self.last_good
             )
+        self.skipped = health.SkippedSteps(self.engine, cfg.train.max_skipped_steps)  # counts on from the checkpoint
         self.metric_logger = None
         if self.rank == 0 and cfg.tracking.enabled:
             self.metric_logger = tracking.MetricLogger(
@@ -280,7 +293,7 @@ class Trainer:
             self.digest = update_digest(self.digest, batch.images, batch.labels)
             x = normalize(batch.images.to(self.device, non_blocking=True), dtype=self.dtype)
             loss = self.loss_fn(engine(x).float(), batch.labels.to(self.device, non_blocking=True))
-            engine.backward(loss)
+            engine.backward(faults.loss_to_backward(loss, step=self.step + 1, rank=self.rank, run_dir=plan.run_dir))
             loss_sum += loss.detach()
             if micro < plan.grad_accum - 1:
                 engine.step()  # inside the accumulation window DeepSpeed only accumulates
@@ -288,25 +301,47 @@ class Trainer:
         dist.all_reduce(loss_sum)
         step_loss = loss_sum.item() / (plan.grad_accum * self.world)
         self.check_divergence(step_loss)
+        self.step_lr = engine.get_lr()[0]  # the lr this step uses (the schedule moves on inside engine.step)
         engine.step()
         self.step += 1
         self.window.steps += 1
+        if self.skipped.after_step():
+            self.on_skipped_step()
         return step_loss, keys, epochs
 
     def check_divergence(self, loss: float) -> None:
         """Stop on a NaN or infinite loss, leaving a marker that keeps restarts of this run from training on."""
-        if math.isfinite(loss):
-            return
+        if not math.isfinite(loss):
+            self.stop_diverged(f"loss is {loss} at step {self.step + 1}")
+
+    def on_skipped_step(self) -> None:
+        """DeepSpeed skipped the step just taken (its gradients were not finite): say so; past
+        train.max_skipped_steps, stop as a divergence does."""
+        skipped, limit = self.skipped.count, self.cfg.train.max_skipped_steps
+        if self.rank == 0:
+            log.warning(
+                f"[{self.plan.run_name}] step {self.step} was skipped by DeepSpeed: its gradients were not finite "
+                f"({skipped} skipped so far, train.max_skipped_steps={limit})"
+            )
+        if self.skipped.over_limit:
+            self.stop_diverged(
+                f"{skipped} optimizer steps were skipped (non-finite gradients), more than train.max_skipped_steps="
+                f"{limit}, at step {self.step}"
+            )
+
+    def stop_diverged(self, what: str) -> None:
+        """Raise LossNotFiniteError saying ``what`` and where to resume, leaving the marker that keeps restarts of this
+        run from training on."""
         plan, step = self.plan, self.step + 1
         message = (
-            f"loss is {loss} at step {step} of run {plan.run_name}; last good checkpoint: "
+            f"{what} of run {plan.run_name}; last good checkpoint: "
             f"{self.last_good or 'none (the run diverged before its first checkpoint)'}. Resubmitting the same "
             "run.name resumes from it: lower optim.lr or raise optim.warmup_steps first"
         )
         if self.rank == 0:
             storage.write_json(
                 self.diverged_url,
-                {"step": step, "loss": str(loss), "message": message, "last_good_checkpoint": self.last_good},
+                {"step": step, "reason": what, "message": message, "last_good_checkpoint": self.last_good},
             )
         raise LossNotFiniteError(message)
 
@@ -320,7 +355,7 @@ class Trainer:
         elapsed = time.perf_counter() - window.start
         images_per_s = window.steps * plan.global_batch / elapsed
         seconds_per_step = (time.perf_counter() - self.run_start) / (step - self.run_start_step)
-        lr = self.engine.get_lr()[0]
+        lr = self.step_lr
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
             "train/loss": loss,
@@ -331,9 +366,11 @@ class Trainer:
             "data/samples": float(counts[1]),
             "data/skipped_samples": float(counts[0]),
             "data/epoch": float(stats["epoch"]),
+            "train/skipped_steps": float(self.skipped.count),
         }
         if self.peak_flops:
-            metrics["perf/mfu"] = images_per_s * self.flops_per_image / (self.peak_flops * self.world)
+            mfu = model_flops_utilization(images_per_s, self.flops_per_image, self.peak_flops, self.world)
+            metrics["perf/mfu"] = mfu
         if self.rank == 0:
             log.info(
                 f"[{plan.run_name}] step {step}/{plan.total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
@@ -343,6 +380,27 @@ class Trainer:
             if self.metric_logger:
                 self.metric_logger.log_metrics(metrics, step)
         self.window = Window()
+
+    def evaluate(self) -> None:
+        """Held-out and few-shot metrics at evaluation steps (``pipeline.pretrain.evaluation``, collective); the
+        time it takes is kept out of the throughput window."""
+        from pipeline.pretrain.evaluation import Evaluator
+
+        if self.cfg.eval.every_steps == 0:
+            return
+        if self.evaluator is None:
+            self.evaluator = Evaluator(
+                self.cfg,
+                self.plan,
+                engine=self.engine,
+                loss_fn=self.loss_fn,
+                rank=self.rank,
+                world=self.world,
+                device=self.device,
+                dtype=self.dtype,
+                metric_logger=self.metric_logger,
+            )
+        self.window.start += self.evaluator.maybe_evaluate(self.step)
 
     # -- checkpoint and export -----------------------------------------------------------------------------
 
@@ -359,15 +417,18 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "rng": ckpt.capture_rng(),
         }
-        self.last_good = ckpt.save(
-            self.engine,
-            self.plan.checkpoint_dir,
-            self.step,
-            rank=self.rank,
-            rank_state=rank_state,
-            info=self.info,
-            keep_last=self.cfg.checkpoint.keep_last,
-        )
+        try:
+            self.last_good = ckpt.save(
+                self.engine,
+                self.plan.checkpoint_dir,
+                self.step,
+                rank=self.rank,
+                rank_state=rank_state,
+                info=self.info,
+                keep_last=self.cfg.checkpoint.keep_last,
+            )
+        except ckpt.WeightsNotFiniteError as exc:
+            self.stop_diverged(str(exc).removesuffix(": not saved"))
 
     def export(self) -> str | None:
         """Save the consolidated fp32 model (rank 0 writes it; every rank takes part in gathering the weights).
@@ -417,6 +478,7 @@ class Trainer:
             "setup_s": self.run_start - self.worker_start,
             "modes": self.modes,
             "mlflow_undelivered": delivery.undelivered if delivery else 0,
+            "skipped_steps": self.skipped.count,
         }
         if self.rank == 0 and delivery and delivery.undelivered:
             log.info(f"[{plan.run_name}] {delivery}")
