@@ -5,7 +5,8 @@
 Each stage is the command a user would type, run as its own process and printed before it runs:
 1. prepare_data: scikit-learn digits 0-4 (pretraining set) and the two embedded transfer benchmarks
    (digits 5-9 with 10 labels per class; scikit-image lfw_subset faces) as WebDataset shards under runs/data;
-2. pretrain: the `tiny` preset (ViT-Mi/4 at 32 px, 2 Ray workers, DeepSpeed ZeRO-2, fp32 on CPU);
+2. pretrain: the `tiny` preset (ViT-Mi/4 at 32 px, 2 Ray workers, DeepSpeed ZeRO-2, fp32 on CPU), evaluated every
+   100 steps (held-out loss and top-1, 5-shot linear probes on digits 5-9; `jobs/curves.py` draws them);
 3. transfer: fine-tune the exported model on both benchmarks (2 learning rates, 3 seeds), few-shot linear eval,
    and the same fine-tuning from scratch as the baseline;
 4. compare: the table (Markdown, CSV, PNG) next to the paper's numbers;
@@ -68,7 +69,7 @@ def prepare_commands(data_root: str) -> list[str]:
         bench = benchmarks.get(name)
         if not all(storage.exists(bench.split_url(data_root, split)) for split in ("train", "minival", "test")):
             commands += bench.prepare_commands(data_root)
-    if storage.exists(presets.demo_data_url()):
+    if storage.exists(presets.demo_data_url()) and storage.exists(presets.demo_eval_url()):
         commands = commands[1:]
     return commands
 
@@ -83,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     for command in prepare_commands(data_root):
         run_stage("prepare data", command)
 
-    out = run_stage("pretrain", f"python jobs/pretrain.py --config tiny --set run.name={args.run_name}")
+    # Evaluated every 100 steps on the held-out digits 0-4 (the preset's) and by 5-shot probes on digits 5-9.
+    out = run_stage(
+        "pretrain",
+        f"python jobs/pretrain.py --config tiny --set run.name={args.run_name} --set eval.fewshot=digits_heldout",
+    )
     export = re.search(r"export: (\S+)", out)
     if not export:
         raise SystemExit("demo: pretraining printed no export URL")
