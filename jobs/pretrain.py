@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
             connect_ray(args.address)
         result = pretrain.run(cfg, plan)
+    except ConfigError as exc:  # what only the connected cluster can tell (e.g. a local run.root on several nodes)
+        return refuse("pretrain", exc)
     except pretrain.LossNotFiniteError as exc:
         print(f"pretrain: stopped: {exc}", file=sys.stderr)
         return 1

@@ -100,6 +100,19 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.filesystem("memory"), "/" + url[len("memory://") :].lstrip("/")
 
 
+def arrow_filesystem(url: str) -> tuple[Any, str]:
+    """``url`` as Ray Train's ``RunConfig(storage_filesystem, storage_path)`` takes it: a pyarrow filesystem wrapping
+    this module's fsspec one (same endpoint, retries and timeouts) and the path inside it; ``(None, local path)``
+    for ``file://``, which Ray reads with its own local filesystem."""
+    local = local_path(url)
+    if local is not None:
+        return None, str(local)
+    import pyarrow.fs
+
+    fs, path = filesystem(url)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+
+
 def to_url(url_like: str, path: str) -> str:
     """Turn a filesystem path returned by fsspec back into a URL with the scheme of ``url_like``."""
     scheme = scheme_of(check_url(url_like))
