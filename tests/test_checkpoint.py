@@ -80,6 +80,32 @@ def test_each_rank_downloads_only_shared_files_and_its_own() -> None:
     ]
 
 
+@pytest.mark.parametrize("name", ["../../escaped.pt", "ABSOLUTE"])
+def test_a_marker_listing_a_file_outside_its_checkpoint_is_refused_before_any_rank_downloads(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever can write to the checkpoint store writes a marker naming ``../../escaped.pt`` (or an absolute path):
+    the lookup a resuming worker makes (``Trainer.find_checkpoint`` -> ``checkpoints.load``) must refuse it, and no
+    rank may write a file outside its temporary directory."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))  # where each rank makes its download directory
+    (tmp_path / "tmp").mkdir()
+    escape_target = tmp_path / "tmp" / "escaped.pt"  # what tmp/vitpipe-load-rank0-*/step_00000004/../../ reaches
+    if name == "ABSOLUTE":
+        escape_target = tmp_path / "written-by-a-marker.pt"
+        name = str(escape_target)
+    checkpoint_dir = tmp_path.as_uri() + "/run/checkpoints"
+    url = _fake_step(checkpoint_dir, 4, complete=False)
+    storage.write_bytes(storage.join(url, "rank_00000.pt"), b"state")
+    storage.write_bytes(tmp_path.as_uri() + "/run/escaped.pt", b"planted")  # the source the traversal would read
+    storage.mark_complete(url, {"step": 4, "files": ["mp_rank_00_model_states.pt", "rank_00000.pt", name]})
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        ckpt.load(None, ckpt.latest_complete(checkpoint_dir), rank=0)
+    assert repr(name) in str(refused.value) and "step_00000004" in str(refused.value)
+    assert "not file names inside the checkpoint directory" in str(refused.value)
+    assert not escape_target.exists()
+    assert not list((tmp_path / "tmp").iterdir())  # nothing was downloaded at all
+
+
 def test_compatibility_check_names_what_differs() -> None:
     ref = ckpt.CheckpointRef(url="file:///x/step_00000010", step=10, info={"world_size": 4, "zero_stage": 2})
     assert ckpt.check_compatible(ref, {"world_size": 4, "zero_stage": 2, "variant": "B/16"}) == []

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import faults, storage
+from pipeline.pretrain import health
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ RESUME_KEYS = ("world_size", "zero_stage", "variant", "image_size", "num_classes
 
 class CheckpointError(RuntimeError):
     """A checkpoint that should load and does not (or does not fit this run)."""
+
+
+class WeightsNotFiniteError(CheckpointError):
+    """The weights hold NaN or infinite values: no checkpoint of them is written."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +69,32 @@ def list_step_dirs(checkpoint_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+# A file a marker lists: one plain name (DeepSpeed and the rank states are flat files in the step directory).
+SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+
+
+def marker_files(url: str, info: dict[str, Any]) -> list[str]:
+    """The file names a checkpoint's marker lists, refused unless each is a plain name inside the directory.
+
+    The names are joined into both the storage URL and each rank's local temporary path: a name such as
+    ``../../x`` or ``/etc/x`` would have every rank read from and write to places outside the checkpoint.
+    """
+    files = info.get("files") or []
+    if not isinstance(files, list):
+        raise CheckpointError(f"checkpoint {url}: its marker's 'files' is not a list: delete that directory")
+    unsafe = [name for name in files if not isinstance(name, str) or not SAFE_FILE_NAME.match(name)]
+    if unsafe:
+        raise CheckpointError(
+            f"checkpoint {url}: its {storage.COMPLETE_MARKER} lists {unsafe!r}, which are not file names inside the "
+            "checkpoint directory (only letters, digits, '.', '_' and '-'; no '/', no '..'): refusing to load it. "
+            "Whoever can write to the checkpoint store wrote this marker: check it, then delete that directory"
+        )
+    return files
+
+
 def latest_complete(checkpoint_dir: str, *, quiet: bool = False) -> CheckpointRef | None:
-    """The newest checkpoint with a completion marker; newer incomplete ones are skipped with a log line."""
+    """The newest checkpoint with a completion marker; newer incomplete ones are skipped with a log line. A marker
+    that lists a file outside its directory raises CheckpointError (``marker_files``)."""
     for step, url in reversed(list_step_dirs(checkpoint_dir)):
         info = storage.read_marker(url)
         if info is None:
@@ -76,6 +105,7 @@ def latest_complete(checkpoint_dir: str, *, quiet: bool = False) -> CheckpointRe
                     storage.COMPLETE_MARKER,
                 )
             continue
+        marker_files(url, info)
         return CheckpointRef(url=url, step=step, info=info)
     return None
 
@@ -147,7 +177,12 @@ def save(
     info: dict[str, Any],
     keep_last: int,
 ) -> str:
-    """Save a checkpoint of ``step`` from every rank (collective); returns its URL."""
+    """Save a checkpoint of ``step`` from every rank (collective); returns its URL. Weights that are not finite raise
+    WeightsNotFiniteError on every rank before anything is written: a complete checkpoint is always resumable."""
+    bad = health.nonfinite_weights(engine)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise WeightsNotFiniteError(f"the weights are not finite after step {step} ({shown}): not saved")
     tag = step_dir_name(step)
     url = storage.join(checkpoint_dir, tag)
     run_dir = checkpoint_dir.rstrip("/").rsplit("/", 1)[0]  # where the fault-injection hooks keep their records
@@ -199,8 +234,7 @@ def _files_for_rank(files: list[str], rank: int) -> list[str]:
 def load(engine: Any, ref: CheckpointRef, *, rank: int) -> dict[str, Any]:
     """Load model, optimizer, LR schedule and step into ``engine``; returns this rank's saved state."""
     tag = ref.url.rstrip("/").rsplit("/", 1)[-1]
-    files = ref.info.get("files") or []
-    needed = _files_for_rank(files, rank)
+    needed = _files_for_rank(marker_files(ref.url, ref.info), rank)
     if RANK_FILE.format(rank=rank) not in needed:
         raise CheckpointError(
             f"checkpoint {ref.url} has no state for rank {rank} (it was written by {ref.info.get('world_size')} "
