@@ -53,11 +53,6 @@ class RunSection(Section):
         description="A file:// run.root that every Ray node mounts (NFS, Filestore). Without it a file:// root is "
         "refused on a cluster of several nodes: each node would keep its own checkpoints.",
     )
-    shared_filesystem: bool = Field(
-        default=False,
-        description="A file:// run.root that every Ray node mounts (NFS, Filestore). Without it a file:// root is "
-        "refused on a cluster of several nodes: each node would keep its own checkpoints.",
-    )
 
     @field_validator("name")
     @classmethod

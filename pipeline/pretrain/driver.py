@@ -200,8 +200,6 @@ def run(cfg: PretrainConfig, plan: RunLayout, fit: Callable[[str | None], dict[s
         return RunResult("already-complete", plan.total_steps, done, None, {})
     if fit is None:
         check_cluster_storage(cfg)  # before anything is written or tracked
-    if fit is None:
-        check_cluster_storage(cfg)  # before anything is written or tracked
     # A new submission is a deliberate retry after a divergence (e.g. with a lower lr): lift the stop.
     storage.remove(storage.join(plan.run_dir, DIVERGED_MARKER))
 
@@ -244,18 +242,6 @@ def _fit_on_ray(cfg: PretrainConfig, plan: RunLayout, mlflow_run_id: str | None)
     _warn_if_cluster_too_small(cfg)
     result = _torch_trainer(cfg, plan, mlflow_run_id).fit()
     return dict(result.metrics or {})
-
-
-def check_cluster_storage(cfg: PretrainConfig) -> None:
-    """Refuse a node-local ``file://`` run root on a cluster of several nodes (``shared_storage.check_shared_root``),
-    before any worker starts. Raises ConfigError."""
-    import ray
-
-    from pipeline.pretrain.shared_storage import check_shared_root
-
-    problems = check_shared_root(cfg.run.root, cfg.run.shared_filesystem, ray.nodes())
-    if problems:
-        raise ConfigError(problems)
 
 
 def check_cluster_storage(cfg: PretrainConfig) -> None:
