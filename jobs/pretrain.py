@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(
             f"pretrain: finished {result.step} steps{losses}; {metrics.get('images_per_s', 0):,.0f} img/s; "
-            f"{metrics.get('wall_s', 0):.0f} s training; export: {result.export_uri}"
-            + (f"; MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else "")
+            f"{metrics.get('wall_s', 0):.0f} s training; "
+            f"{metrics.get('skipped_steps', 0)} optimizer steps skipped (non-finite gradients); "
+            f"export: {result.export_uri}" + (f"; MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else "")
         )
     return 0
 
