@@ -8,6 +8,8 @@
   its pace, the metrics wait in the logger's queue, and once the server is back (same port, same database)
   they are all delivered exactly once. If it never comes back, ``close()`` reports exactly how many records were
   not delivered, and the database holds exactly the others: nothing disappears without being counted.
+- Through ``tests/fixtures/faulty_proxy.py`` in front of the server: an outage while a run is being opened is
+  ridden out, and a record MLflow refuses (a 4xx) is dropped and counted without holding up the others.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
+from tests.fixtures.faulty_proxy import FaultyProxy
 
 pytestmark = pytest.mark.reliability
 
@@ -334,3 +337,50 @@ def test_mlflow_unreachable_at_start_costs_no_training_time_and_the_loss_is_coun
     assert slowest < 0.25
     assert (report.delivered, report.undelivered) == (0, 25 * len(KEYS))
     assert tracking.close_run(dead, run_id, "FINISHED") is False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# short outages and refused records, through a fault-injecting proxy in front of the session's server
+
+
+@pytest.mark.timeout(240)  # the session's server may be started for this test: tens of seconds on a busy machine
+@pytest.mark.parametrize("fault", ["503", "reset"])
+def test_an_outage_while_the_run_is_opened_is_ridden_out_and_the_run_is_tracked(mlflow_server, monkeypatch, fault):
+    # MLflow's own per-request retries are turned off, so that a 1.5 s outage stands for one that outlasts them
+    # (~13 s of them by default): every call made during it fails at once.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    name = f"blip-{fault}-{uuid.uuid4().hex[:8]}"
+    with FaultyProxy(mlflow_server.url) as proxy:
+        proxy.outage(fault, seconds=1.5)
+        started = time.monotonic()
+        run_id = tracking.open_run(proxy.url, "reliability-blips", name, {"a": 1}, {tracking.EXPORT_TAG: "file:///e"})
+        took = time.monotonic() - started
+        assert proxy.counts[fault] >= 1, "the outage was never felt"
+    assert run_id is not None, "one failed call left the whole run untracked"
+    assert 1.0 < took < tracking.OPEN_RETRY_S
+    run = MlflowClient(tracking_uri=mlflow_server.url).get_run(run_id)
+    assert run.data.params == {"a": "1"} and run.data.tags[tracking.EXPORT_TAG] == "file:///e"
+    assert run.data.tags[tracking.RUN_NAME_TAG] == name
+    # Exactly one run of that name: a retried opening continues what an interrupted attempt created.
+    experiment = MlflowClient(tracking_uri=mlflow_server.url).get_experiment_by_name("reliability-blips")
+    named = MlflowClient(tracking_uri=mlflow_server.url).search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{name}'"
+    )
+    assert [r.info.run_id for r in named] == [run_id]
+
+
+@pytest.mark.timeout(240)
+def test_a_record_mlflow_refuses_is_dropped_and_counted_and_the_records_behind_it_are_delivered(mlflow_server):
+    run_id = tracking.open_run(mlflow_server.url, "reliability-refused", uuid.uuid4().hex[:8], {}, {})
+    assert run_id is not None
+    logger = tracking.MetricLogger(mlflow_server.url, run_id, max_backoff_s=0.5)
+    # MLflow answers 400 to this name; the 60 records behind it (more than one delivery batch) must not wait on it.
+    logger.log_metrics({"accuracy?": 1.0}, 0)
+    for step in range(60):
+        logger.log_metrics(metric_values(0, step), step)
+    started = time.monotonic()
+    report = logger.close(timeout_s=30)
+    assert time.monotonic() - started < 25, "close() waited for a record MLflow will never take"
+    assert (report.delivered, report.undelivered, report.refused) == (60 * len(KEYS), 1, 1)
+    assert "1 records could not be delivered, 1 of them refused by MLflow" in str(report)
+    _count_histories(MlflowClient(tracking_uri=mlflow_server.url), run_id, 0, steps=60)

@@ -9,6 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import tracking
+from tests.fixtures.faulty_proxy import FaultyProxy
 from tests.fixtures.mlflow_server import start_mlflow_server
 from tests.fixtures.ray_cluster import free_port
 
@@ -68,12 +69,22 @@ def test_an_outage_never_blocks_training_and_losses_are_counted() -> None:
     assert "400 records could not be delivered" in str(report)
 
 
-def test_the_queue_is_bounded_and_keeps_the_newest() -> None:
-    logger = tracking.MetricLogger(_dead_url(), "0" * 32, max_queue=5)
-    for step in range(20):
-        logger.log_metrics({"train/loss": float(step)}, step)
-    assert logger.pending() <= 5
-    assert logger.close(timeout_s=0.5).undelivered == 20
+def test_the_queue_is_bounded_and_keeps_the_newest(mlflow_server, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # each attempt during the outage fails at once
+    run_id = tracking.open_run(mlflow_server.url, "tracking-tests", "run-bounded", {}, {})
+    with FaultyProxy(mlflow_server.url) as proxy:
+        proxy.set_mode("reset")  # MLflow down while 20 records are logged into a queue of 5
+        logger = tracking.MetricLogger(proxy.url, run_id, max_queue=5, max_backoff_s=0.5)
+        for step in range(20):
+            logger.log_metrics({"train/loss": float(step)}, step)
+        time.sleep(1.0)  # any attempt that took a batch before the last records were queued has failed by now
+        assert logger.pending() == 5
+        proxy.set_mode("pass")
+        report = logger.close(timeout_s=60)
+    assert (report.delivered, report.undelivered) == (5, 15)
+    # Exactly the 5 newest arrived: not none, not the oldest.
+    history = MlflowClient(mlflow_server.url).get_metric_history(run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(15, 20)]
 
 
 def test_records_queued_during_an_outage_arrive_when_mlflow_is_back(mlflow_server) -> None:
