@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.transfer.fewshot import (
+    DEFAULT_L2,
+    DEFAULT_L2_GRID,
     drawn_features,
     fewshot_eval,
     fewshot_metrics,
@@ -114,18 +116,52 @@ def test_noisy_features_show_spread_over_seeds_and_more_shots_help():
     assert result.mean(25) > result.mean(1)
     single = fewshot_eval(train, test, num_classes=4, shots=[1], seeds=1)
     assert single.std(1) is None and "fewshot_1shot_std" not in fewshot_metrics(single)
-    assert 0.25 < result.mean(25) <= 1.0
+    # Each seed's accuracy is the independent ridge solution's, exactly (the fixed regulariser: no val split).
+    draws = shot_draws(train[1], [1, 25], 4, 5)
+    for k in (1, 25):
+        expected = [_ridge_accuracy(train, draws[(seed, k)], test, l2=DEFAULT_L2, num_classes=4) for seed in range(5)]
+        assert result.accuracies[k] == expected
+    assert len(set(result.accuracies[1])) > 1  # noisy enough that the draws matter
+
+
+def _ridge_accuracy(train, idx, test, *, l2: float, num_classes: int) -> float:
+    """Test accuracy of ridge regression solved independently of fit_lsr: least squares on the augmented system
+    [Z 1; sqrt(l2) I 0] [w; b] = [Y; 0] (the bias unregularised), Z the drawn features standardised with their own
+    mean and std (+1e-5, as documented), Y in {-1, 1}^K."""
+    x, y = train[0][idx], train[1][idx]
+    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-5
+    z = (x - mean) / std
+    targets = -np.ones((len(y), num_classes))
+    targets[np.arange(len(y)), y] = 1.0
+    d = z.shape[1]
+    a = np.block([[z, np.ones((len(y), 1))], [np.sqrt(l2) * np.eye(d), np.zeros((d, 1))]])
+    b = np.vstack([targets, np.zeros((d, num_classes))])
+    solution = np.linalg.lstsq(a, b, rcond=None)[0]
+    scores = ((test[0] - mean) / std) @ solution[:d] + solution[d]
+    return float((scores.argmax(axis=1) == test[1]).mean())
 
 
 def test_regulariser_is_chosen_on_the_held_out_split_not_fixed():
-    train = _clusters(40, 3, 64, spread=8.0, seed=0)
-    val = _clusters(40, 3, 64, spread=8.0, seed=1)
-    test = _clusters(40, 3, 64, spread=8.0, seed=2)
-    grid = (1e-6, 1e3)
-    result = fewshot_eval(train, test, num_classes=3, shots=[2], seeds=4, val=val, l2_grid=grid)
-    assert set(result.l2[2]) <= set(grid)
-    fixed = fewshot_eval(train, test, num_classes=3, shots=[2], seeds=1, l2=7.0)
-    assert fixed.l2[2] == [7.0]
+    # Overlapping clusters seen through 5 shots: how much to regularise matters, and differently for each draw.
+    train = _clusters(40, 4, 8, spread=8.0, seed=0)
+    val = _clusters(40, 4, 8, spread=8.0, seed=1)
+    test = _clusters(40, 4, 8, spread=8.0, seed=2)
+    grid = DEFAULT_L2_GRID
+    seeds = 6
+    result = fewshot_eval(train, test, num_classes=4, shots=[5], seeds=seeds, val=val, l2_grid=grid)
+    draws = shot_draws(train[1], [5], 4, seeds)
+    for seed in range(seeds):
+        idx = draws[(seed, 5)]
+        on_val = [_ridge_accuracy(train, idx, val, l2=c, num_classes=4) for c in grid]
+        assert len(set(on_val)) > 1, "the grid values must score differently for the choice to mean anything"
+        best = grid[on_val.index(max(on_val))]  # the first best: ties go to the weaker regulariser
+        assert result.l2[5][seed] == best
+        assert result.accuracies[5][seed] == _ridge_accuracy(train, idx, test, l2=best, num_classes=4)
+    # Not one value every seed would get from an implementation that ignored the held-out split.
+    assert len(set(result.l2[5])) > 1
+    fixed = fewshot_eval(train, test, num_classes=4, shots=[5], seeds=1, l2=7.0)
+    assert fixed.l2[5] == [7.0]
+    assert fixed.accuracies[5] == [_ridge_accuracy(train, draws[(0, 5)], test, l2=7.0, num_classes=4)]
 
 
 def test_embedding_only_the_drawn_examples_gives_the_same_result_as_embedding_all():
