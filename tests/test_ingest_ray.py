@@ -1,5 +1,6 @@
-"""Conversion as Ray tasks: killed mid-split (a real process, a real SIGKILL) and run again, it gives the manifest
-and shards of an uninterrupted conversion, which are also those of a one-process conversion."""
+"""Conversion as Ray tasks through jobs/prepare_data.py: killed mid-split (a real process, a real SIGKILL) and run
+again with the same command, it gives the manifest and shards of an uninterrupted conversion, which are also those of
+a one-process conversion."""
 
 from __future__ import annotations
 
@@ -24,15 +25,6 @@ from pipeline.data.ingest import IngestOptions, convert_split
 REPO = Path(__file__).resolve().parent.parent
 OPTIONS = {"samples_per_shard": 5, "parts_per_task": 2}
 
-CONVERT = """
-import sys
-from pipeline.data.imagenet import imagenet21k
-from pipeline.data.ingest import IngestOptions
-from pipeline.data.ingest_ray import convert_split_ray
-options = IngestOptions(out=sys.argv[2], samples_per_shard=5, parts_per_task=2)
-convert_split_ray(imagenet21k(sys.argv[1]), "train", options, num_cpus=2)
-"""
-
 
 def _write_synset_tars(root: Path, synsets: int = 12, per_synset: int = 30) -> None:
     """One tar per synset of PNG photo crops: re-encoded to JPEG, so each sample costs real work."""
@@ -53,9 +45,12 @@ def _write_synset_tars(root: Path, synsets: int = 12, per_synset: int = 30) -> N
 
 
 def _run(src: Path, out: Path) -> subprocess.Popen:
+    """The CLI, as a user runs it: the default path converts as tasks on a local Ray (here of 2 CPUs)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "jobs/prepare_data.py", "--source", "imagenet21k", "--input", str(src)]
+    command += ["--out", f"file://{out}", "--split", "train", "--samples-per-shard", "5", "--parts-per-task", "2"]
     return subprocess.Popen(
-        [sys.executable, "-c", CONVERT, str(src), f"file://{out}"],
+        [*command, "--num-cpus", "2"],
         cwd=REPO,
         env=env,
         start_new_session=True,  # its own process group: the kill reaches the driver and what it started
@@ -88,6 +83,7 @@ def test_a_conversion_killed_mid_split_and_rerun_equals_an_uninterrupted_one(tmp
     output = rerun.communicate(timeout=600)[0].decode()
     assert rerun.returncode == 0, output[-3000:]
     assert "img/s" in output  # the progress bar
+    assert f"train: {reference['num_samples']} samples" in output
     manifest = json.loads((out / "train.manifest.json").read_text())
     assert manifest == reference  # Ray with 2 CPUs, interrupted, gives the one-process conversion's manifest
     for shard in reference["shards"]:

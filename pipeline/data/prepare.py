@@ -1,5 +1,8 @@
 """Convert a dataset into WebDataset shards + manifest on any storage URL (what ``jobs/prepare_data.py`` runs).
 
+The small sources that fit in memory are written here, in this process (`write_split`); ``pipeline.data.convert``
+chooses this path or the Ray-task conversion of the large ones (``pipeline.data.ingest``) for ``prepare_data``.
+
 Idempotent: the same inputs and options give byte-identical shards and manifest; shards that already exist with
 the same size and hash are not uploaded again. The manifest is removed first and written last, so a reader never
 takes a half-rewritten set for a complete one.
@@ -66,7 +69,7 @@ def parse_classes(text: str | None, num_classes: int) -> list[int] | None:
 @dataclass
 class PrepareOptions:
     source: str
-    out: str
+    out: str | None = None  # not for "webdataset": its manifest goes beside the shards
     input: str | None = None
     split: str = "train"  # one of SPLITS, or "all"
     shard_size: int = 256 * 1000**2
@@ -74,6 +77,15 @@ class PrepareOptions:
     classes: str | None = None
     per_class: int | None = None
     split_seed: int = 0
+    image_column: str = "image"  # parquet
+    label_column: str = "label"  # parquet
+    label_field: str = "label"  # webdataset {jpg, json} shards: the .json field holding the label(s)
+    class_names: str | None = None  # a text file (path or URL), one class name per line (parquet, webdataset)
+    vtab1k: bool = False
+    parts_per_task: int = 16
+    address: str | None = None  # Ray cluster; None: $RAY_ADDRESS, the job's cluster, or a local Ray
+    num_cpus: int | None = None  # CPUs of a local Ray (default: all)
+    local: bool = False  # convert the large sources in this process instead of as Ray tasks
 
 
 def encode_image(image: bytes | np.ndarray) -> tuple[bytes, int, int]:
@@ -214,6 +226,8 @@ def write_split(source: Source, split: str, opts: PrepareOptions) -> dict[str, A
 
 def prepare(opts: PrepareOptions) -> dict[str, dict[str, Any]]:
     """Write the requested split(s); returns {split: manifest}."""
+    if not opts.out:
+        raise ValueError("--out is required: the output directory URL (file://, gs:// or memory://)")
     if opts.split != "all" and opts.split not in SPLITS:
         raise ValueError(f"--split must be one of {', '.join(SPLITS)} or 'all', got {opts.split!r}")
     if opts.samples_per_shard is not None and opts.samples_per_shard <= 0:

@@ -34,6 +34,24 @@ def _shard_urls(pattern: str) -> list[str]:
     return storage.glob(storage.join(pattern, "*.tar"))
 
 
+def check_shards_exist(pattern: str) -> None:
+    """Every shard ``pattern`` names exists: one listing per folder, before any shard is read."""
+    urls = _shard_urls(pattern)
+    if not urls:
+        raise SourceError(f"--input {pattern}: no .tar shards found")
+    listed: dict[str, set[str]] = {}
+    missing = []
+    for url in urls:
+        folder = url.rsplit("/", 1)[0]
+        if folder not in listed:
+            listed[folder] = set(storage.glob(storage.join(folder, "*.tar"))) if storage.exists(folder) else set()
+        if url not in listed[folder]:
+            missing.append(url)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise SourceError(f"--input {pattern}: {len(missing)} shard(s) do not exist ({shown}); check the pattern")
+
+
 def _labels_of(members: dict[str, bytes], label_field: str, where: str) -> list[int]:
     if "cls" in members:
         return [int(members["cls"].decode("ascii").strip())]
