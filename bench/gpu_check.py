@@ -173,13 +173,16 @@ class TrainerSteps(gpu_step.Trainer):
         super().__init__(variant, setup)
 
     def _build(self) -> None:
+        from pipeline.pretrain.health import SkippedSteps
         from pipeline.pretrain.trainer import Trainer, Window
 
         name = "synthetic-" + self.variant.replace("/", "")
         cfg, plan = pretrain_setup(self.bench, self.variant, micro_batch=1, steps=1000, data=None, name=name)
         self.worker = Trainer(cfg, plan, None, self.bench.context)
         self.worker.setup()
+        # What Trainer.resume sets besides the data loader, which synthetic batches replace.
         self.worker.window = Window()
+        self.worker.skipped = SkippedSteps(self.worker.engine, cfg.train.max_skipped_steps)
         self.worker.engine.train()
         self.engine = self.worker.engine
 
