@@ -35,6 +35,8 @@ $(INFRA_STAMP): infra/requirements-check.txt
 setup: $(STAMP) $(INFRA_STAMP)
 
 demo: $(STAMP)
+	@# `ray job submit` jobs run from a temporary copy of the code and keep runs/ in ~/.vitpipe: link it here.
+	$(PY) -c 'from pipeline.config.paths import link_home_runs; print(link_home_runs())'
 	$(PY) jobs/demo.py
 
 test: $(STAMP) $(INFRA_STAMP)

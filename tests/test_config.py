@@ -390,17 +390,32 @@ def test_cli_prints_the_resolved_config() -> None:
     assert cfg["model"]["variant"] == "H/14" and cfg["preset"] == "vit_h14_jft"
 
 
-def test_defaults_inside_a_ray_job_copy_are_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """`ray job submit --working-dir .` runs a temporary copy of the code: default runs/ there would be lost."""
+def test_defaults_inside_a_ray_job_copy_go_to_the_stable_home_and_paths_inside_the_copy_are_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`ray job submit --working-dir .` runs a temporary copy of the code: the defaults move to ~/.vitpipe, and a
+    path given inside the copy (it would be lost with it) is refused naming the field."""
     from pipeline import config
     from pipeline.config import paths
 
     monkeypatch.delenv(config.HOME_ENV, raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
     monkeypatch.setattr(paths, "REPO_ROOT", tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0a1b")
-    problems = config.check_durable_defaults(load_config("tiny"))
+    defaults = load_config("tiny")
+    stable = tmp_path / "user" / ".vitpipe" / "runs"
+    assert defaults.run.root == stable.as_uri() and defaults.data.train.startswith(stable.as_uri() + "/data/")
+    assert defaults.tracking.uri == f"sqlite:///{stable}/mlflow.db"
+    assert config.check_durable_defaults(defaults) == []
+    inside = paths.REPO_ROOT.as_uri() + "/runs"
+    copied = [
+        f"run.root={inside}",
+        f"tracking.uri=sqlite:///{paths.REPO_ROOT}/runs/m.db",
+        f"data.train={inside}/t.json",
+    ]
+    problems = config.check_durable_defaults(load_config("tiny", copied))
     assert [p.split(":")[0] for p in problems] == ["run.root", "tracking.uri", "data.train"]
-    assert "VITPIPE_HOME" in problems[0] and "--runtime-env-json" in problems[0]
+    assert "Ray deletes it" in problems[0] and str(stable) in problems[0] and "VITPIPE_HOME" in problems[0]
     explicit = [
         f"run.root={tmp_path.as_uri()}",
         f"tracking.uri=sqlite:///{tmp_path}/m.db",
@@ -408,10 +423,19 @@ def test_defaults_inside_a_ray_job_copy_are_refused(monkeypatch: pytest.MonkeyPa
     ]
     assert config.check_durable_defaults(load_config("tiny", explicit)) == []
     # Several sources: any one inside the copy is refused.
-    inside = paths.REPO_ROOT.as_uri() + "/runs/data/extra.manifest.json"
-    joined = [*explicit[:2], f"data.train={tmp_path.as_uri()}/train.manifest.json :: {inside}"]
+    joined = [*explicit[:2], f"data.train={tmp_path.as_uri()}/train.manifest.json :: {inside}/data/extra.manifest.json"]
     assert [p.split(":")[0] for p in config.check_durable_defaults(load_config("tiny", joined))] == ["data.train"]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # a tracking server from the environment
-    assert [p.split(":")[0] for p in config.check_durable_defaults(load_config("tiny"))] == ["run.root", "data.train"]
     monkeypatch.setenv(config.HOME_ENV, str(tmp_path))
-    assert config.check_durable_defaults(load_config("tiny")) == []
+    assert load_config("tiny").run.root == (tmp_path / "runs").as_uri()
+
+
+def test_make_demo_links_the_stable_home_to_its_checkout_once(tmp_path: Path) -> None:
+    from pipeline.config.paths import link_home_runs
+
+    runs, home = tmp_path / "checkout" / "runs", tmp_path / "home" / ".vitpipe"
+    assert link_home_runs(runs, home).endswith("(linked now)")
+    assert (home / "runs").resolve() == runs.resolve()
+    assert "(linked now)" not in link_home_runs(runs, home)  # the second time: nothing to do
+    other = tmp_path / "other" / "runs"
+    assert "already exists" in link_home_runs(other, home)  # another checkout does not steal the link
+    assert (home / "runs").resolve() == runs.resolve()

@@ -332,16 +332,17 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def check_durable_defaults(cfg: PretrainConfig) -> list[str]:
-    """Paths inside Ray's temporary copy of the code (the defaults, there), where nothing survives the job."""
+    """Paths inside Ray's temporary copy of the code (e.g. a relative --set), where nothing survives the job."""
     if not paths.in_ray_job_copy():
         return []
 
     def inside_copy(local: Path | None) -> bool:
         return local is not None and local.resolve().is_relative_to(paths.REPO_ROOT.resolve())
 
+    # The defaults are under paths.home_dir(), outside the copy; only a path given explicitly can be inside it.
     fix = (
-        f'submit with --runtime-env-json \'{{"env_vars": {{"{paths.HOME_ENV}": "\'$PWD\'"}}}}\' (runs/ under the '
-        "submitting directory), or set the field with --set"
+        f"Ray deletes it after the job: give a path outside it (an absolute one), or drop the setting to use the "
+        f"default under {paths.home_dir() / 'runs'} (set {paths.HOME_ENV} to move that)"
     )
     problems = []
     if inside_copy(storage.local_path(cfg.run.root)):
