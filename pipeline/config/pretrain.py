@@ -405,6 +405,11 @@ def make_layout(cfg: PretrainConfig, info: Any) -> RunLayout:
             f"model.num_classes={cfg.model.num_classes} is smaller than the {info.num_classes} classes in data.train: "
             "raise it or drop it (it defaults to the data's)"
         )
+    if getattr(info, "multi_label", False) and cfg.train.loss == "softmax":
+        problems.append(
+            "train.loss: data.train is multi-label (its manifest says multi_label: true) but the softmax loss "
+            "trains on one class per image; use --set train.loss=sigmoid (the paper's pretraining loss)"
+        )
     total_steps = cfg.train.steps
     if total_steps is None:
         if not info.num_samples:

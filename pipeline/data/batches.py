@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from pipeline.data.config import DataConfig, DataError
-from pipeline.data.shards import RawSample
+from pipeline.data.shards import RawSample, label_field_of
 from pipeline.data.shardsets import training_shards
 from pipeline.data.transforms import DecodeError, to_chw_batch
 
@@ -31,7 +31,7 @@ class Batch:
     """One batch and its bookkeeping. ``position`` is the stream's position after the last sample of the batch."""
 
     images: torch.Tensor  # uint8 [B, 3, S, S]
-    labels: torch.Tensor  # int64 [B]
+    labels: torch.Tensor  # int64 [B], or multi-hot uint8 [B, K] for multi-label data
     keys: list[str]
     epochs: list[int]
     stream: int
@@ -44,9 +44,18 @@ def sample_problem(sample: RawSample, num_classes: int | None) -> str | None:
     None. Training, evaluation and label-only reads judge samples alike: an unknown label is bad data, not a class."""
     if sample.error is not None:
         return sample.error
-    if num_classes is not None and sample.label >= num_classes:
-        return f"label {sample.label} >= num_classes {num_classes}"
+    largest = max(sample.labels) if sample.labels else sample.label
+    if num_classes is not None and largest >= num_classes:
+        return f"label {largest} >= num_classes {num_classes}"
     return None
+
+
+def multi_hot(labels: list[tuple[int, ...]], num_classes: int) -> torch.Tensor:
+    """uint8 [B, K]: 1 where a class is one of the sample's labels (what the sigmoid loss takes as targets)."""
+    targets = torch.zeros((len(labels), num_classes), dtype=torch.uint8)
+    for i, classes in enumerate(labels):
+        targets[i, list(classes)] = 1
+    return targets
 
 
 class BadSampleLog:
@@ -90,6 +99,7 @@ class BatchBuilder:
     stream: int
     where: str  # names the stream in logs and errors
     strict: str | None
+    multi_label: bool = False  # labels as multi-hot [B, num_classes] rows (num_classes from the manifest)
 
     def __post_init__(self) -> None:
         self.report = BadSampleLog(self.where)
@@ -97,7 +107,7 @@ class BatchBuilder:
 
     def _start(self) -> None:
         self.images: list[torch.Tensor] = []
-        self.labels: list[int] = []
+        self.labels: list[Any] = []  # class ids, or tuples of them when multi-label
         self.keys: list[str] = []
         self.epochs: list[int] = []
         self.bad: Counter[str] = Counter()
@@ -117,7 +127,7 @@ class BatchBuilder:
             self.report(url, sample.key, error)
             return False
         self.images.append(image)
-        self.labels.append(sample.label)
+        self.labels.append((sample.labels or (sample.label,)) if self.multi_label else sample.label)
         self.keys.append(sample.key)
         self.epochs.append(epoch)
         return True
@@ -137,7 +147,7 @@ class BatchBuilder:
         images = to_chw_batch(self.images) if self.images else torch.empty((0, 3, size, size), dtype=torch.uint8)
         batch = Batch(
             images=images,
-            labels=torch.tensor(self.labels, dtype=torch.int64),
+            labels=self._label_tensor(),
             keys=self.keys,
             epochs=self.epochs,
             stream=self.stream,
@@ -146,6 +156,13 @@ class BatchBuilder:
         )
         self._start()
         return batch
+
+    def _label_tensor(self) -> torch.Tensor:
+        if not self.multi_label:
+            return torch.tensor(self.labels, dtype=torch.int64)
+        if self.num_classes is None:
+            raise DataError(f"{self.where}: multi-label batches need the manifest's num_classes (read via a manifest)")
+        return multi_hot(self.labels, self.num_classes)
 
 
 class RunCounters:
@@ -198,6 +215,9 @@ class TrainLoaderBase:
         self.class_names: list[str] | None = manifest["class_names"] if manifest else None
         # Average per rank; a rank's exact share varies by epoch with the shards it draws.
         self.samples_per_epoch: int | None = manifest["num_samples"] // world_size if manifest else None
+        # {jpg, json} shards and multi-label data: where the labels are, and whether batches carry multi-hot rows.
+        self.label_field = label_field_of(manifest)
+        self.multi_label = bool(manifest and manifest.get("multi_label"))
         self._counters = RunCounters(cfg.max_bad_fraction)
 
     def batches(self) -> Iterator[Batch]:

@@ -105,3 +105,4 @@ class DataInfo:
     num_classes: int | None
     class_names: list[str] | None
     shard_urls: list[str] = field(default_factory=list, repr=False)
+    multi_label: bool = False  # the manifest says samples carry several labels (train with the sigmoid loss)

@@ -33,6 +33,8 @@ class EvalStreams(IterableDataset):
     strict: bool
     num_classes: int | None
     only_keys: frozenset[str] | None  # decode just these; None: all
+    label_field: str | None = None  # labels from this .json field (shards.label_field_of)
+    multi_label: bool = False  # labels as multi-hot [B, K]
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -44,11 +46,12 @@ class EvalStreams(IterableDataset):
             stream=worker,
             where=f"eval rank {self.rank} worker {worker}",
             strict="strict evaluation" if self.strict else None,
+            multi_label=self.multi_label,
         )
         resize = partial(eval_transform, size=self.image_size, crop_fraction=self.crop_fraction)
         for k in range(worker, len(self.urls), workers):
             url = self.urls[k]
-            for j, sample in enumerate(shardlib.iter_shard(url)):
+            for j, sample in enumerate(shardlib.iter_shard(url, self.label_field)):
                 if (k + j) % self.world_size != self.rank:
                     continue
                 if self.only_keys is not None and sample.key not in self.only_keys:
@@ -118,6 +121,8 @@ def build_eval_loader(
         strict,
         num_classes=manifest["num_classes"] if manifest else None,
         only_keys=None if only_keys is None else frozenset(only_keys),
+        label_field=shardlib.label_field_of(manifest),
+        multi_label=bool(manifest and manifest.get("multi_label")),
     )
     return EvalLoader(dataset, workers=workers, manifest=manifest)
 
@@ -141,7 +146,7 @@ def read_labels(url: str) -> SplitLabels:
     keys, labels, where = [], [], []
     bad: Counter[str] = Counter()
     for shard in urls:
-        for sample in shardlib.iter_shard(shard):
+        for sample in shardlib.iter_shard(shard, shardlib.label_field_of(manifest)):
             if sample_problem(sample, num_classes) is None:
                 keys.append(sample.key)
                 labels.append(sample.label)

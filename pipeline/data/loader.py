@@ -95,6 +95,7 @@ class TrainStreams(IterableDataset):
             stream=stream,
             where=where,
             strict="data.strict=true" if cfg.strict else None,
+            multi_label=loader.multi_label,
         )
         while True:
             plan = shard_plan(
@@ -114,7 +115,8 @@ class TrainStreams(IterableDataset):
                 readable = 0
                 rng = np.random.default_rng([cfg.seed, epoch, loader.rank, stream, shard_pos, 2])
                 aug_rng = np.random.default_rng([cfg.seed, epoch, loader.rank, stream, shard_pos, 3])
-                for i, sample in enumerate(shuffle_buffer(shardlib.iter_shard(url), cfg.shuffle_buffer, rng)):
+                samples = shardlib.iter_shard(url, loader.label_field)
+                for i, sample in enumerate(shuffle_buffer(samples, cfg.shuffle_buffer, rng)):
                     readable += sample.error is None
                     # Every sample takes its draws, skipped or bad: later samples' augmentations stay the same.
                     uniforms = aug_rng.random(AUG_DRAWS)

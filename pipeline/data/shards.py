@@ -12,6 +12,7 @@ knows every shard it lists is complete, with the listed size and hash.
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import tarfile
 import tempfile
@@ -213,12 +214,35 @@ class RawSample:
     image: bytes | None = None
     label: int | None = None
     error: str | None = None
+    labels: tuple[int, ...] | None = None  # every class of a multi-label sample (``label`` is the first)
 
 
 DUPLICATE = "duplicate key (already seen in this shard)"
 
 
-def _raw_sample(sample: dict[str, Any], duplicate: bool) -> RawSample:
+def label_field_of(manifest: dict[str, Any] | None) -> str | None:
+    """The ``.json`` field the labels are read from: the one an index-only manifest names (``{jpg, json}`` shards
+    as published), ``labels`` for converted multi-label shards; None: ``.cls`` alone."""
+    if not manifest:
+        return None
+    field = (manifest.get("source") or {}).get("label_field")
+    return field or ("labels" if manifest.get("multi_label") else None)
+
+
+def parse_json_label(raw: bytes | None, field: str) -> tuple[int | None, tuple[int, ...] | None, str | None]:
+    """(first label, all labels or None for a single one, None) from field ``field`` of a ``.json`` member, or
+    (None, None, why it is not a label)."""
+    try:
+        value = json.loads(bytes(raw)).get(field) if raw is not None else None
+    except (ValueError, AttributeError):
+        return None, None, f".json member is not a JSON object: {bytes(raw)[:20]!r}"
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        return None, None, f".json field {field!r} is not a label (a non-negative integer or a list of them)"
+    return values[0], (tuple(values) if isinstance(value, list) else None), None
+
+
+def _raw_sample(sample: dict[str, Any], duplicate: bool, label_field: str | None = None) -> RawSample:
     """A sample as ``group_by_keys`` gives it ({"__key__": ..., "<ext>": bytes}) checked and unpacked."""
     key = sample["__key__"]
     if duplicate:
@@ -227,6 +251,10 @@ def _raw_sample(sample: dict[str, Any], duplicate: bool) -> RawSample:
     if image is None:
         members = sorted(k for k in sample if not k.startswith("__"))
         return RawSample(key, error=f"no image member (.jpg/.jpeg/.png) among {members}")
+    if label_field is not None and "json" in sample:
+        label, labels, error = parse_json_label(sample["json"], label_field)
+        if error is None or LABEL_EXT not in sample:
+            return RawSample(key, error=error) if error else RawSample(key, image=image, label=label, labels=labels)
     label, error = parse_label(sample.get(LABEL_EXT))
     if error is not None:
         return RawSample(key, error=error)
@@ -299,14 +327,15 @@ class _ShardReader:
         return True
 
 
-def iter_shard(url: str) -> Iterator[RawSample]:
+def iter_shard(url: str, label_field: str | None = None) -> Iterator[RawSample]:
     """Samples of one tar shard in stored order; broken ones come back with ``error`` set, never raised.
 
     A truncated or otherwise unreadable tar ends the shard with one error sample (carrying the key of the sample
     being read, whose members may be incomplete), also when the cut falls exactly between two members. Storage
     failures are not data errors: a missing shard raises ``DataError``, any other failure to read (after the
-    storage client's retries) ``storage.StorageError``. Members other than the image and the label (e.g.
-    ``.json`` metadata) are ignored. Nothing is unpickled.
+    storage client's retries) ``storage.StorageError``. Labels come from ``.cls``, or with ``label_field`` from
+    that field of the ``.json`` member where a sample has one (`label_field_of` says which field a manifest's
+    shards use); other members are ignored. Nothing is unpickled.
     """
     reader = _ShardReader(url)
     seen: set[str] = set()
@@ -315,7 +344,7 @@ def iter_shard(url: str) -> Iterator[RawSample]:
             grouped = group_by_keys(reader.members(f), keys=reader.split_name, handler=reader.on_group_error)
             for sample in grouped:
                 key = sample["__key__"]
-                yield _raw_sample(sample, duplicate=key in seen or key in reader.duplicates)
+                yield _raw_sample(sample, key in seen or key in reader.duplicates, label_field)
                 seen.add(key)
     except (tarfile.TarError, EOFError) as exc:
         yield RawSample(reader.reading or "<tar>", error=f"unreadable tar ({type(exc).__name__}: {exc})")

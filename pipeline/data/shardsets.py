@@ -125,6 +125,7 @@ def check_data(cfg: DataConfig, *, world_size: int) -> DataInfo:
         num_classes=manifest["num_classes"] if manifest else None,
         class_names=manifest["class_names"] if manifest else None,
         shard_urls=urls,
+        multi_label=bool(manifest and manifest.get("multi_label")),
     )
 
 
