@@ -53,6 +53,12 @@ class RunSection(Section):
         description="A file:// run.root that every Ray node mounts (NFS, Filestore). Without it a file:// root is "
         "refused on a cluster of several nodes: each node would keep its own checkpoints.",
     )
+    lease_ttl_s: float = Field(
+        default=120.0,
+        ge=5.0,
+        description="Time to live of the run's lease (one writer per run; renewed every third of it). A second job "
+        "with the same run name is refused until it expires; a dead job's lease is taken over after it.",
+    )
 
     @field_validator("name")
     @classmethod

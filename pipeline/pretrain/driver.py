@@ -198,8 +198,10 @@ def run(cfg: PretrainConfig, plan: RunLayout, fit: Callable[[str | None], dict[s
             done,
         )
         return RunResult("already-complete", plan.total_steps, done, None, {})
+    lease = None
     if fit is None:
         check_cluster_storage(cfg)  # before anything is written or tracked
+        lease = take_lease(cfg, plan)  # one writer per run; released below, expires if this process dies
     # A new submission is a deliberate retry after a divergence (e.g. with a lower lr): lift the stop.
     storage.remove(storage.join(plan.run_dir, DIVERGED_MARKER))
 
@@ -225,6 +227,8 @@ def run(cfg: PretrainConfig, plan: RunLayout, fit: Callable[[str | None], dict[s
     finally:
         if cfg.tracking.enabled:
             tracking.close_run(cfg.tracking.uri, run_id, status)
+        if lease is not None:
+            lease.release()
 
 
 def run_result(metrics: dict[str, Any], mlflow_run_id: str | None) -> RunResult:
@@ -242,6 +246,19 @@ def _fit_on_ray(cfg: PretrainConfig, plan: RunLayout, mlflow_run_id: str | None)
     _warn_if_cluster_too_small(cfg)
     result = _torch_trainer(cfg, plan, mlflow_run_id).fit()
     return dict(result.metrics or {})
+
+
+def take_lease(cfg: PretrainConfig, plan: RunLayout) -> Any:
+    """The run's lease (``pipeline.pretrain.lease``), renewed in the background; ConfigError while another job
+    holds it."""
+    from pipeline.pretrain import lease
+
+    try:
+        held = lease.acquire(plan.run_dir, ttl_s=cfg.run.lease_ttl_s, run_name=plan.run_name)
+    except lease.LeaseHeldError as exc:
+        raise ConfigError([str(exc)]) from None
+    held.start_heartbeat()
+    return held
 
 
 def check_cluster_storage(cfg: PretrainConfig) -> None:
