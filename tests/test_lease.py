@@ -106,3 +106,13 @@ def test_of_four_jobs_starting_at_once_on_a_shared_filesystem_exactly_one_gets_t
     winners = [owner for verdict, owner in results if verdict == "won"]
     assert len(winners) == 1, results
     assert all(winners[0] in text for verdict, text in results if verdict == "refused"), results
+
+
+def test_the_same_process_starting_the_run_again_takes_its_own_lease_back(tmp_path: Path) -> None:
+    """A run whose release failed (storage down at the end) is resumed by the same process without waiting."""
+    run_dir = (tmp_path / "runs" / "again").as_uri()
+    first = lease.acquire(run_dir, ttl_s=60, run_name="again")
+    second = lease.acquire(run_dir, ttl_s=60, run_name="again")  # first was never released
+    assert second.owner == first.owner and lease.read(second.url)["owner"] == first.owner
+    second.release()
+    assert lease.read(second.url) is None

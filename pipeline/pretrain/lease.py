@@ -25,7 +25,6 @@ import socket
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,12 +116,17 @@ class Lease:
         self._thread.start()
 
     def release(self) -> None:
+        """Stop renewing and remove the lease. Never raises: a failure here (storage down) must not hide the
+        run's own result or error; the lease then expires after ``ttl_s``."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        current = read(self.url)
-        if current is not None and current.get("owner") == self.owner:
-            storage.remove(self.url)
+        try:
+            current = read(self.url)
+            if current is not None and current.get("owner") == self.owner:
+                storage.remove(self.url)
+        except Exception as exc:
+            log.warning("could not remove the lease %s (%s): it expires in at most %.0f s", self.url, exc, self.ttl_s)
 
 
 def read(url: str) -> dict[str, Any] | None:
@@ -137,10 +141,15 @@ def read(url: str) -> dict[str, Any] | None:
 def acquire(run_dir: str, *, ttl_s: float, run_name: str, owner: str | None = None) -> Lease:
     """Take the run's lease (or raise LeaseHeldError naming the holder and the expiry). Call before any write."""
     url = storage.join(run_dir, LEASE_FILE)
-    owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    # One owner per process: a run started again by the same process (whose earlier release failed, e.g. in a
+    # storage outage) takes its own lease back instead of waiting for it to expire.
+    owner = owner or f"{socket.gethostname()}:{os.getpid()}"
     lease = Lease(url, owner, ttl_s)
     for _ in range(3):
         current = read(url)
+        if current is not None and current.get("owner") == owner:
+            storage.write_json(url, lease._record())
+            return lease
         if current is not None:
             expires = float(current.get("expires", 0.0))
             if expires > time.time():
