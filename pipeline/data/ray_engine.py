@@ -4,9 +4,9 @@
     worker:   loader = build_train_loader(cfg, batch_size=..., rank=..., world_size=...)   # -> RayTrainLoader
               for images, labels in loader: ...                                          # same contract
 
-``ray.data.read_webdataset`` reads the tars through the fsspec filesystem of ``pipeline.storage`` (wrapped for
-pyarrow), ``map_batches`` decodes + augments on CPU workers anywhere in the cluster (uint8 out), and Ray Train's
-default ``streaming_split(world_size, equal=True)`` streams a disjoint share to each training worker.
+One Ray Data task per shard reads the tar with the in-worker engine's reader and decodes + augments its samples
+on CPU workers anywhere in the cluster (uint8 out; ``pipeline.data.ray_read``), and Ray Train's default
+``streaming_split(world_size, equal=True)`` streams a disjoint share to each training worker.
 
 Differences from the in-worker engine, all because Ray Data runs epochs in lock-step across ranks (an epoch
 starts only when every rank asks for it):
@@ -14,9 +14,8 @@ starts only when every rank asks for it):
   epoch; the price is that up to world_size - 1 rows of an epoch may be left out. Every row that is read is read
   once per epoch; no row is duplicated.
 - A bad sample (undecodable image, missing or invalid label) is counted and logged exactly as in the in-worker
-  engine, and replaced by a repeat of the rank's previous good sample, which keeps the ranks' row counts equal.
-  Structural damage of a tar (truncated archive, duplicate keys) makes Ray's reader fail the read task: the Ray
-  engine treats it as fatal, as in strict mode.
+  engine (truncated tars and duplicate keys too: the reader is the same), and replaced by a repeat of the rank's
+  previous good sample, which keeps the ranks' row counts equal.
 - Augmentation draws fresh randomness (not seeded per sample) and the file order is reshuffled by Ray each epoch:
   runs are not bit-reproducible.
 - Resume granularity is one epoch: the state holds the epoch of the last batch, and a restored loader starts that
@@ -37,74 +36,16 @@ from pipeline import storage
 from pipeline.data import shards as shardlib
 from pipeline.data.batches import BadSampleLog, Batch, TrainLoaderBase
 from pipeline.data.config import DataConfig, DataError
+from pipeline.data.ray_read import shard_dataset
 from pipeline.data.shardsets import resolve
-from pipeline.data.transforms import AUG_DRAWS, DecodeError, eval_transform, train_transform
 
 log = logging.getLogger("pipeline.data")
 
 STATE_VERSION = 1
-DECODE_BATCH_ROWS = 64
-
-
-def _label_of(raw: Any, num_classes: int | None) -> tuple[int, str]:
-    """(label, error); error is "" for a good label."""
-    if not isinstance(raw, bytes | bytearray | memoryview):  # a missing member arrives as None or NaN
-        raw = None
-    label, error = shardlib.parse_label(raw)
-    if error is not None:
-        return -1, error
-    if num_classes is not None and label >= num_classes:
-        return -1, f"label {label} out of range"
-    return label, ""
-
-
-def decode_rows(
-    batch: dict[str, np.ndarray],
-    *,
-    image_size: int,
-    train: bool,
-    crop_scale: tuple[float, float],
-    flip: bool,
-    num_classes: int | None,
-) -> dict[str, np.ndarray]:
-    """``map_batches`` function: raw WebDataset rows -> uint8 images + labels, bad rows flagged (not dropped)."""
-    rng = np.random.default_rng()
-    n = len(batch["__key__"])
-    images = np.zeros((n, image_size, image_size, 3), np.uint8)
-    labels = np.full(n, -1, np.int64)
-    errors = np.empty(n, dtype=object)
-    jpgs = batch.get("jpg", [None] * n)
-    classes = batch.get("cls", [None] * n)
-    for i in range(n):
-        label, error = _label_of(classes[i], num_classes)
-        if not error and not isinstance(jpgs[i], bytes | bytearray | memoryview):
-            error = "no image member (.jpg)"
-        if not error:
-            try:
-                data = bytes(jpgs[i])
-                if train:
-                    image = train_transform(data, image_size, rng.random(AUG_DRAWS), scale=crop_scale, flip=flip)
-                else:
-                    image = eval_transform(data, image_size)
-                images[i] = image.numpy()
-                labels[i] = label
-            except DecodeError as exc:
-                error = str(exc)
-        errors[i] = error
-    return {
-        "image": images,
-        "label": labels,
-        "key": np.asarray(batch["__key__"], dtype=object),
-        "url": np.asarray(batch.get("__url__", [""] * n), dtype=object),
-        "error": errors,
-    }
 
 
 def build_ray_dataset(cfg: DataConfig, *, url: str | None = None, train: bool = True) -> Any:
     """A ``ray.data.Dataset`` of decoded, augmented rows (image uint8 [S, S, 3], label, key, url, error)."""
-    import ray.data
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
     url = url or cfg.train
     urls, manifest = resolve(url)
     if not urls:
@@ -112,28 +53,18 @@ def build_ray_dataset(cfg: DataConfig, *, url: str | None = None, train: bool = 
     schemes = {storage.scheme_of(u) for u in urls}
     if schemes == {"memory"}:
         raise DataError("data.engine='ray' cannot read memory:// shards (Ray tasks run in other processes)")
-    fs, _ = storage.filesystem(urls[0])
-    paths = [storage.filesystem(u)[1] for u in urls]
-    dataset = ray.data.read_webdataset(
-        paths,
-        filesystem=PyFileSystem(FSSpecHandler(fs)),
-        decoder=None,  # raw bytes: decoding is ours (no pickle, uint8 out)
-        suffixes=[shardlib.IMAGE_EXT, shardlib.LABEL_EXT],
-        shuffle="files" if train else None,
-        override_num_blocks=len(paths),
-    )
-    return dataset.map_batches(
-        decode_rows,
-        fn_kwargs={
-            "image_size": cfg.image_size,
-            "train": train,
-            "crop_scale": cfg.crop_scale,
-            "flip": cfg.flip,
-            "num_classes": manifest["num_classes"] if manifest else None,
-        },
-        batch_format="numpy",
-        batch_size=DECODE_BATCH_ROWS,
-    )
+    num_classes = manifest["num_classes"] if manifest else None
+    multi_label = bool(manifest and manifest.get("multi_label"))
+    fn_kwargs = {
+        "image_size": cfg.image_size,
+        "train": train,
+        "crop_scale": cfg.crop_scale,
+        "flip": cfg.flip,
+        "num_classes": num_classes,
+        "label_field": shardlib.label_field_of(manifest),
+        "multi_label": multi_label,
+    }
+    return shard_dataset(urls, train=train, fn_kwargs=fn_kwargs)
 
 
 def ray_datasets(cfg: DataConfig) -> dict[str, Any]:
@@ -209,7 +140,7 @@ class RayTrainLoader(TrainLoaderBase):
                 for i in range(len(rows["key"])):
                     error = rows["error"][i]
                     if error:
-                        url = storage.to_url(self.cfg.train, str(rows["url"][i]))
+                        url = str(rows["url"][i])
                         if self.cfg.strict:
                             raise DataError(f"bad sample {rows['key'][i]} in {url}: {error} (data.strict=true)")
                         bad[url] = bad.get(url, 0) + 1
@@ -218,7 +149,8 @@ class RayTrainLoader(TrainLoaderBase):
                             continue
                         sample = previous  # keeps this rank's row count equal to the others' (see module doc)
                     else:
-                        sample = (rows["image"][i], int(rows["label"][i]), str(rows["key"][i]))
+                        label = rows["label"][i] if self.multi_label else int(rows["label"][i])
+                        sample = (rows["image"][i], label, str(rows["key"][i]))
                         previous = sample
                         good_in_epoch += 1
                     images.append(sample[0])
@@ -228,7 +160,9 @@ class RayTrainLoader(TrainLoaderBase):
                     if len(images) == self.batch_size:
                         batch = Batch(
                             images=torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
-                            labels=torch.tensor(labels, dtype=torch.int64),
+                            labels=torch.from_numpy(np.stack(labels))
+                            if self.multi_label
+                            else torch.tensor(labels, dtype=torch.int64),
                             keys=keys,
                             epochs=epochs,
                             stream=0,
