@@ -26,13 +26,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 
 from pipeline import cluster, faults, storage, tracking
 from pipeline.config import ConfigError, PretrainConfig, RunLayout, check_durable_defaults, make_layout
 from pipeline.pretrain import checkpoints as ckpt
 from pipeline.pretrain.evaluation import check_evaluation
-from pipeline.pretrain.launch import check_local_world
-from pipeline.pretrain.trainer import DIVERGED_MARKER, LossNotFiniteError, checkpoint_info, train_worker
+from pipeline.pretrain.launch import check_local_world, local_worker
+from pipeline.pretrain.trainer import DIVERGED_MARKER, LossNotFiniteError, Trainer, checkpoint_info, train_worker
 
 if TYPE_CHECKING:
     from pipeline.data import DataInfo
@@ -183,11 +184,9 @@ def forwarded_env() -> dict[str, str]:
 
 def run(cfg: PretrainConfig, plan: RunLayout, fit: Callable[[str | None], dict[str, Any]] | None = None) -> RunResult:
     """Train on the connected Ray cluster (``pipeline.cluster.connect_ray`` first), or as one rank of a local world
-    (``scale.launcher=local``, ``launch.run_local``). Call ``check_before_launch`` before: it makes the plan.
+    (``scale.launcher=local``, ``run_local``). Call ``check_before_launch`` before: it makes the plan.
     ``fit(mlflow_run_id)`` trains and returns rank 0's metrics; default: Ray Train's workers."""
     if cfg.scale.launcher == "local" and fit is None:
-        from pipeline.pretrain.launch import run_local
-
         return run_local(cfg, plan)
     done = completed_export(plan)
     if done:
@@ -314,3 +313,22 @@ def _torch_trainer(cfg: PretrainConfig, plan: RunLayout, mlflow_run_id: str | No
         ),
         datasets=datasets,
     )
+
+
+def run_local(cfg: PretrainConfig, plan: RunLayout) -> RunResult:
+    """Train as one rank of a local world (``scale.launcher=local``). Rank 0 does what the Ray driver does around
+    the workers (``run``: export check, MLflow run); every rank returns its own result, with the export URL
+    on rank 0."""
+    with local_worker(cfg.on_gpu) as context:
+
+        def train_here(mlflow_run_id: str | None) -> dict[str, Any]:
+            dist.barrier()  # the other ranks wait until rank 0 has lifted a divergence stop (driver.run)
+            Trainer(cfg, plan, mlflow_run_id, context).train()
+            return context.result
+
+        if context.rank == 0:
+            return run(cfg, plan, fit=train_here)
+        done = completed_export(plan)
+        if done:
+            return RunResult("already-complete", plan.total_steps, None, None, {})
+        return run_result(train_here(None), None)

@@ -7,7 +7,7 @@
 - ``local``: this process is one rank. Run plainly it is a world of one (e.g. under a debugger, or on a machine
   without Ray); under ``torchrun --nproc-per-node N`` each process is one of N ranks, as torchrun's environment
   (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) says. ``LocalWorkerContext`` makes the process
-  group. Rank 0 also does the driver's part (the MLflow run, the divergence marker).
+  group. Rank 0 also does the driver's part (the MLflow run, the divergence marker): ``driver.run_local``.
 
 Neither launcher hands the worker a checkpoint: a worker (re)starts from the run's latest complete checkpoint on
 storage (``Trainer.find_checkpoint``), which covers Ray Train's restarts, resubmissions and torchrun restarts alike.
@@ -30,8 +30,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from pipeline.config import PretrainConfig, RunLayout
-    from pipeline.pretrain.driver import RunResult
+    from pipeline.config import PretrainConfig
 
 
 class WorkerContext(Protocol):
@@ -157,25 +156,3 @@ def local_worker(on_gpu: bool) -> Iterator[LocalWorkerContext]:
         yield context
     finally:
         context.close()
-
-
-def run_local(cfg: PretrainConfig, plan: RunLayout) -> RunResult:
-    """Train as one rank of a local world (``scale.launcher=local``). Rank 0 does what the Ray driver does around
-    the workers (``driver.run``: export check, MLflow run); every rank returns its own result, with the export URL
-    on rank 0."""
-    from pipeline.pretrain import driver
-    from pipeline.pretrain.trainer import Trainer
-
-    with local_worker(cfg.on_gpu) as context:
-
-        def train_here(mlflow_run_id: str | None) -> dict[str, Any]:
-            dist.barrier()  # the other ranks wait until rank 0 has lifted a divergence stop (driver.run)
-            Trainer(cfg, plan, mlflow_run_id, context).train()
-            return context.result
-
-        if context.rank == 0:
-            return driver.run(cfg, plan, fit=train_here)
-        done = driver.completed_export(plan)
-        if done:
-            return driver.RunResult("already-complete", plan.total_steps, None, None, {})
-        return driver.run_result(train_here(None), None)
