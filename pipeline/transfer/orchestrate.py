@@ -5,14 +5,16 @@
 that a task whose worker dies can still be marked FAILED, then submits every run with its own resource request
 and collects them with ``ray.wait`` as they finish. A refit benchmark's final runs are submitted once its
 selection runs are in. A run that fails marks its child FAILED and its siblings carry on; at the end each
-parent gets the rows of ``summarise``. ``execute`` runs one spec, in-process or as the body of a Ray task.
+parent gets the rows of ``summarise``. Once runs are under way an MLflow outage costs tracking at most, never the
+sweep or its summary (``_DriverWrites``). ``execute`` runs one spec, in-process or as the body of a Ray task.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -54,6 +56,7 @@ class SweepResult:
     scratch_run_id: str | None
     outcomes: list[RunOutcome]
     metrics: dict[str, dict[str, float]]  # init -> parent metrics
+    untracked: list[str] = field(default_factory=list)  # MLflow writes that failed for good (what, and why)
 
     @property
     def failed(self) -> list[RunOutcome]:
@@ -69,6 +72,44 @@ def _error_text(exc: BaseException) -> str:
 
 # How often a sweep whose runs all stay pending says so.
 WAIT_REPORT_S = 600
+# How long the driver retries one MLflow write once runs are under way before setting it aside.
+TRACKING_RETRY_S = 60.0
+
+
+class _DriverWrites:
+    """The driver's MLflow writes once runs are under way. An MLflow outage may cost tracking, never the sweep or
+    its summary: a write is retried for TRACKING_RETRY_S, then set aside and tried again when the sweep ends; what
+    still fails is listed in ``lost``. While MLflow is known to be down, later writes are tried once, so that a long
+    outage does not stall the driver for the full retry time at every run."""
+
+    def __init__(self) -> None:
+        self.set_aside: list[tuple[str, Callable[[], Any]]] = []
+        self.lost: list[str] = []
+        self.down = False
+
+    def _try(self, what: str, write: Callable[[], Any]) -> Exception | None:
+        from pipeline.tracking import is_permanent, retry_transient
+
+        try:
+            retry_transient(write, what=what, budget_s=0.0 if self.down else TRACKING_RETRY_S)
+        except Exception as exc:
+            self.down = not is_permanent(exc)
+            return exc
+        self.down = False
+        return None
+
+    def __call__(self, what: str, write: Callable[[], Any]) -> None:
+        if (exc := self._try(what, write)) is not None:
+            log.warning("MLflow: could not record %s (%s); the sweep goes on and tries again at its end", what, exc)
+            self.set_aside.append((what, write))
+
+    def retry_set_aside(self) -> None:
+        self.down = False
+        for what, write in self.set_aside:
+            if (exc := self._try(what, write)) is not None:
+                log.warning("MLflow: %s is not recorded (%s)", what, exc)
+                self.lost.append(f"{what}: {type(exc).__name__}: {exc}")
+        self.set_aside = []
 
 
 def resource_needs(specs: list[RunSpec]) -> list[ResourceNeed]:
@@ -132,6 +173,7 @@ def run_sweep(
         client.set_tag(parents["scratch"], results.BASELINE_FOR_TAG, parents["pretrained"])
 
     outcomes: list[RunOutcome] = []
+    write = _DriverWrites()
     remote = ray.remote(_ray_task)
     pending: dict[Any, RunSpec] = {}
     submitted: list[RunSpec] = []  # with their MLflow child run ids
@@ -161,13 +203,12 @@ def run_sweep(
                 metrics = ray.get(done[0])
             except Exception as exc:  # the task raised, or its worker died: this run failed, the others go on
                 outcome = RunOutcome(spec, "FAILED", error=_error_text(exc))
-                client.set_tag(spec.run_id, ERROR_TAG, outcome.error[:MAX_TAG_CHARS])
-                client.set_tag(spec.run_id, "error_detail", str(exc)[-MAX_TAG_CHARS:])
-                client.set_terminated(spec.run_id, "FAILED")
+                tags = {ERROR_TAG: outcome.error[:MAX_TAG_CHARS], "error_detail": str(exc)[-MAX_TAG_CHARS:]}
+                write(f"the failure of {spec.name}", _closing(client, spec.run_id, "FAILED", tags))
                 log.warning("FAILED %s: %s", spec.name, outcome.error)
             else:
                 outcome = RunOutcome(spec, "FINISHED", metrics=metrics)
-                client.set_terminated(spec.run_id, "FINISHED")
+                write(f"the end of {spec.name}", _closing(client, spec.run_id, "FINISHED"))
                 log.info("finished %s: %s", spec.name, _short(metrics))
             outcomes.append(outcome)
             due = _final_runs_due(plan, outcomes, spec)
@@ -178,27 +219,47 @@ def run_sweep(
                     outcomes.append(RunOutcome(s, "FAILED", error=f"could not start: {_error_text(exc)}"))
                 log.warning("could not start the final runs of %s: %s", spec.benchmark, _error_text(exc))
     except BaseException:
-        # Interrupted driver: what did not finish is recorded as killed, not left RUNNING forever.
+        # Interrupted driver: what did not finish is recorded as killed, not left RUNNING forever (one attempt
+        # each: the driver is going down, and MLflow may be why).
         finished = {o.spec.run_id for o in outcomes}
-        for s in submitted:
-            if s.run_id and s.run_id not in finished:
-                client.set_terminated(s.run_id, "KILLED")
-        for run_id in parents.values():
-            client.set_terminated(run_id, "KILLED")
+        unfinished = [s.run_id for s in submitted if s.run_id and s.run_id not in finished]
+        for run_id in [*unfinished, *parents.values()]:
+            try:
+                client.set_terminated(run_id, "KILLED")
+            except Exception as exc:
+                log.warning("MLflow: could not mark run %s KILLED (%s)", run_id, exc)
         raise
 
     summaries = {}
     for init, run_id in parents.items():
         metrics, tags = summarise(outcomes, plan, init)
-        for key, value in tags.items():
-            client.set_tag(run_id, key, value)
-        for key, value in metrics.items():
-            client.log_metric(run_id, key, value)
         mine = [o for o in outcomes if o.spec.init == init]
         all_failed = bool(mine) and all(o.status == "FAILED" for o in mine)
-        client.set_terminated(run_id, "FAILED" if all_failed else "FINISHED")
+        status = "FAILED" if all_failed else "FINISHED"
+        write(f"the summary of the {init} sweep", _closing(client, run_id, status, tags, metrics))
         summaries[init] = metrics
-    return SweepResult(parents["pretrained"], parents.get("scratch"), outcomes, summaries)
+    write.retry_set_aside()  # what an outage made the driver set aside
+    return SweepResult(parents["pretrained"], parents.get("scratch"), outcomes, summaries, untracked=write.lost)
+
+
+def _closing(
+    client: Any, run_id: str, status: str, tags: dict[str, str] | None = None, metrics: dict[str, float] | None = None
+) -> Callable[[], None]:
+    """One idempotent MLflow write: ``tags`` and ``metrics`` (batched within MLflow's limits), then ``status``."""
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)  # fixed: a retried write repeats the same metric values, which MLflow ignores
+
+    def write() -> None:
+        tag_list = [RunTag(k, v) for k, v in (tags or {}).items()]
+        metric_list = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+        for i in range(0, len(tag_list), 100):
+            client.log_batch(run_id, tags=tag_list[i : i + 100])
+        for i in range(0, len(metric_list), 1000):
+            client.log_batch(run_id, metrics=metric_list[i : i + 1000])
+        client.set_terminated(run_id, status)
+
+    return write
 
 
 def gpu_named_by(resources: Mapping[str, float]) -> GpuSpec | None:
