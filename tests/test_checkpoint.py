@@ -80,6 +80,23 @@ def test_each_rank_downloads_only_shared_files_and_its_own() -> None:
     ]
 
 
+def test_each_rank_downloads_only_its_own_bf16_optimizer_partition() -> None:
+    # A bf16 run's optimizer partitions (the real checkpoint: tests/test_checkpoint_bf16.py).
+    files = [
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "bf16_zero_pp_rank_10_mp_rank_00_optim_states.pt",
+        "mp_rank_00_model_states.pt",
+        "rank_00000.pt",
+        "rank_00001.pt",
+    ]
+    assert ckpt._files_for_rank(files, 1) == [
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "mp_rank_00_model_states.pt",
+        "rank_00001.pt",
+    ]
+
+
 @pytest.mark.parametrize("name", ["../../escaped.pt", "ABSOLUTE"])
 def test_a_marker_listing_a_file_outside_its_checkpoint_is_refused_before_any_rank_downloads(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -4,7 +4,7 @@ Layout under ``<run_dir>/checkpoints/``::
 
     step_00000040/
         mp_rank_00_model_states.pt             DeepSpeed (rank 0; ZeRO-3: zero_pp_rank_<r>_..._model_states.pt)
-        zero_pp_rank_<r>_mp_rank_00_optim_states.pt   DeepSpeed, one per rank
+        zero_pp_rank_<r>_mp_rank_00_optim_states.pt   DeepSpeed, one per rank (bf16: bf16_zero_pp_rank_<r>_...)
         rank_<r>.pt                            this rank's step, RNG states, data-loader position
         _COMPLETE.json                         written by rank 0 last, after every rank has uploaded
 
@@ -225,10 +225,15 @@ def prune(checkpoint_dir: str, keep_last: int) -> None:
         log.info("deleted old checkpoint %s (keeping the last %d)", url, keep_last)
 
 
+# DeepSpeed's per-rank ZeRO files: ``zero_pp_rank_<r>_...`` in fp32, ``bf16_zero_pp_rank_<r>_...`` for the optimizer
+# partitions of a bf16 run. Every rank needs only its own (at 256 GPUs the others' are ~8 GB per rank for H/14).
+PER_RANK_PREFIXES = ("zero_pp_rank_", "bf16_zero_pp_rank_", "rank_")
+
+
 def _files_for_rank(files: list[str], rank: int) -> list[str]:
-    """The files rank ``rank`` needs: shared ones plus its own ZeRO partition and rank state."""
-    own = (f"zero_pp_rank_{rank}_", RANK_FILE.format(rank=rank))
-    return [f for f in files if not f.startswith(("zero_pp_rank_", "rank_")) or f.startswith(own)]
+    """The files rank ``rank`` needs: shared ones plus its own ZeRO partition (fp32 or bf16 name) and rank state."""
+    own = (f"zero_pp_rank_{rank}_", f"bf16_zero_pp_rank_{rank}_", RANK_FILE.format(rank=rank))
+    return [f for f in files if not f.startswith(PER_RANK_PREFIXES) or f.startswith(own)]
 
 
 def load(engine: Any, ref: CheckpointRef, *, rank: int) -> dict[str, Any]:
