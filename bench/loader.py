@@ -9,8 +9,10 @@ Per core (one thread, in-process, CPU time of the thread, interleaved rounds, me
                  the JPEG -> uint8 crop/resize -> flip -> uint8 [B, 3, 224, 224] batch
   torchvision    PIL decode + RandomResizedCrop(224) + RandomHorizontalFlip + ToTensor + Normalize
 End to end (wall clock, so they move with the load other processes put on the machine): the same loader from
-local files vs the GCS emulator (gcsfs), with 1 and 2 DataLoader workers, and the Ray Data engine beside it.
-The last line is the two ratios of the per-core numbers.
+local files vs the GCS emulator (gcsfs), with 1 and 2 DataLoader workers, and the Ray Data engine beside it (per
+CPU-second of every process of its local Ray, with Ray Data's own account of where the time goes).
+The last lines are the ratios of the per-core numbers: loader / decode-limit and / torchvision, and the Ray Data
+engine's images per CPU-second over the in-worker engine's (0 workers, same shards).
 """
 
 from __future__ import annotations
@@ -178,7 +180,33 @@ def start_emulator() -> tuple[subprocess.Popen, str]:
     return proc, endpoint
 
 
-def ray_rate(pattern: str, batches: int = 24) -> float:
+def _cpu_seconds_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) of this process and every process it started, by role: the local Ray's task
+    workers, its GCS and raylet daemons, its other helpers, and this driver (which runs Ray Data's executor)."""
+    import psutil
+
+    seconds: dict[str, float] = {"tasks": 0.0, "gcs+raylet": 0.0, "other ray": 0.0, "driver": 0.0}
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            name, cmdline = proc.name(), " ".join(proc.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if proc.pid == me.pid:
+            role = "driver"
+        elif "ray::" in name or "default_worker" in cmdline:
+            role = "tasks"
+        elif "gcs_server" in name or "raylet" in name:
+            role = "gcs+raylet"
+        else:
+            role = "other ray"
+        seconds[role] += times.user + times.system
+    return seconds
+
+
+def ray_rate(pattern: str, passes: int = 3) -> tuple[float, float, str]:
+    """(wall-clock img/s, img/s per CPU-second of every process of the local Ray, where that CPU went)."""
     import ray
 
     from pipeline.data.ray_engine import build_ray_dataset
@@ -188,15 +216,17 @@ def ray_rate(pattern: str, batches: int = 24) -> float:
         ray.data.DataContext.get_current().enable_progress_bars = False
         cfg = DataConfig(train=pattern, image_size=SIZE, engine="ray")
         dataset = build_ray_dataset(cfg)
-        it = iter(dataset.iter_batches(batch_size=BATCH, batch_format="numpy"))
-        next(it)
-        t = time.perf_counter()
+        next(iter(dataset.iter_batches(batch_size=BATCH, batch_format="numpy")))  # workers started, code imported
+        # Steady state: whole passes after a first one, timed from their start.
+        t, before = time.perf_counter(), _cpu_seconds_by_role()
         n = 0
-        for rows in it:
-            n += len(rows["label"])
-            if n >= batches * BATCH:
-                break
-        return n / (time.perf_counter() - t)
+        for _ in range(passes):
+            for rows in dataset.iter_batches(batch_size=BATCH, batch_format="numpy"):
+                n += len(rows["label"])
+        wall, after = time.perf_counter() - t, _cpu_seconds_by_role()
+        used = {role: after[role] - before[role] for role in after}
+        split = ", ".join(f"{role} {seconds:.2f} s" for role, seconds in used.items())
+        return n / wall, n / sum(used.values()), f"CPU of {n} images by process: {split}\n{dataset.stats()}"
     finally:
         ray.shutdown()
 
@@ -217,7 +247,8 @@ def main() -> None:
         proc, endpoint = start_emulator()
         try:
             remote = write_shards("gs://bench/shards", jpegs)
-            print(f"loader    local, 0 workers   {loader_rate(local, 0)}")
+            in_worker = loader_rate(local, 0)
+            print(f"loader    local, 0 workers   {in_worker}")
             print(f"loader    gcs emulator, 0 w. {loader_rate(remote, 0)}  ({endpoint})")
             print(f"loader    local, 1 worker    {loader_rate(local, 1)}")
             print(f"loader    local, 2 workers   {loader_rate(local, 2)}  ({os.cpu_count()} cores, shared)")
@@ -225,11 +256,18 @@ def main() -> None:
             proc.terminate()
             proc.wait()
             os.environ.pop(storage.EMULATOR_ENV, None)
-        print(f"ray data  local, 2 CPUs      {ray_rate(local):8.1f} img/s wall  (read + decode tasks, one consumer)")
+        ray_wall, ray_per_cpu, ray_stats = ray_rate(local)
+        print(f"ray data  local, 2 CPUs      {ray_wall:8.1f} img/s wall, {ray_per_cpu:7.1f} img/s per CPU-second")
+        print("ray data  where the time goes (CPU by process, then Dataset.stats() of the last timed pass):")
+        print("\n".join("    " + line for line in ray_stats.splitlines() if line.strip()))
 
     print("per core ratios: loader / decode-limit, loader / torchvision (goals >= 0.7 and >= 2)")
     decode_ratio, torchvision_ratio = rates["loader/decode-limit"], rates["loader/torchvision"]
     print(f"loader/decode-limit: {decode_ratio:.2f}  loader/torchvision: {torchvision_ratio:.2f}")
+    # Both per CPU-second of everything they ran (tar reading, decode, augmentation, batching; Ray's own processes).
+    in_worker_per_cpu = float(in_worker.split(",")[1].split()[0])
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores during the run")
+    print(f"ray-data/in-worker per core: {ray_per_cpu / in_worker_per_cpu:.2f}")
 
 
 if __name__ == "__main__":
