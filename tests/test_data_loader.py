@@ -339,4 +339,5 @@ def test_labels_are_read_without_decoding_and_only_asked_keys_are_decoded(local_
     write_set(broken, shards=1, per_shard=3)
     (tmp_path / "train-000000.tar").write_bytes(b"garbage" * 100)
     split = read_labels(f"{broken}/train.manifest.json")
-    assert split.keys == [] and len(split.labels) == 0 and split.bad_by_shard == {f"{broken}/train-000000.tar": 1}
+    # The manifest records 3 samples: the unreadable one and the 2 never reached are all lost, all counted.
+    assert split.keys == [] and len(split.labels) == 0 and split.bad_by_shard == {f"{broken}/train-000000.tar": 3}

@@ -180,7 +180,13 @@ def test_digits_class_subset_is_relabelled_and_per_class_is_capped(tmp_path):
     assert manifest["class_names"] == ["5", "6", "7", "8", "9"]
     assert manifest["class_counts"] == [10] * 5
     samples = _samples(f"{out}/train.manifest.json")
-    assert sorted({label for _, label in samples.values()}) == [0, 1, 2, 3, 4]
+    # Each sample's label is exactly its digit's new index (5 -> 0 ... 9 -> 4), not merely some permutation.
+    from sklearn.datasets import load_digits
+
+    digit = load_digits().target
+    assert {key: label for key, (_, label) in samples.items()} == {
+        key: int(digit[int(key.split("_")[1])]) - 5 for key in samples
+    }
     image = simplejpeg.decode_jpeg(next(iter(samples.values()))[0])
     assert image.shape == (32, 32, 3)  # 8x8 upscaled
 

@@ -48,7 +48,21 @@ def _jpeg(i: int) -> bytes:
     return simplejpeg.encode_jpeg(pixels, quality=90)
 
 
+def label_value(label: int) -> int:
+    """The grey level of every good sample's image of class ``label``: the loaders must keep image and label
+    together, and every batch is checked for it (a shuffle that separated them would show here)."""
+    return 30 + 50 * label
+
+
+def assert_images_carry_their_labels(batch) -> None:
+    means = batch.images.float().mean(dim=(1, 2, 3))
+    for key, label, mean in zip(batch.keys, batch.labels.tolist(), means.tolist(), strict=True):
+        assert abs(mean - label_value(label)) < 8, f"{key}: label {label} but the image is of grey {mean:.1f}"
+
+
 def _sample(key: str, label: int | bytes | None = None, *, image: bytes | None = None) -> list[tuple[str, bytes]]:
+    if image is None and isinstance(label, int) and label < NUM_CLASSES:
+        image = simplejpeg.encode_jpeg(np.full((12, 16, 3), label_value(label), np.uint8), quality=90)
     members = [(f"{key}.jpg", image if image is not None else _jpeg(zlib.crc32(key.encode())))]
     if label is not None:
         members.append((f"{key}.cls", label if isinstance(label, bytes) else str(label).encode()))
@@ -72,8 +86,10 @@ def _good(prefix: str, indices: range) -> list[tuple[str, bytes]]:
     return [m for i in indices for m in _sample(f"{prefix}{i:02d}", i % NUM_CLASSES)]
 
 
-def corrupt_shards() -> tuple[list[bytes], set[str], dict[int, int]]:
-    """(8 shard tars, the good keys in them, {shard index: bad samples}) -- the expected outcome is built here."""
+def corrupt_shards() -> tuple[list[bytes], list[int], set[str], dict[int, int]]:
+    """(8 shard tars, the samples written into each, the good keys in them, {shard index: bad samples}) -- the
+    expected outcome is built here. A cut shard's bad samples are the one being read when the data stops plus
+    every sample after it that its manifest records."""
     shards: list[bytes] = []
     good: list[str] = []
     bad: dict[int, int] = {}
@@ -90,15 +106,15 @@ def corrupt_shards() -> tuple[list[bytes], set[str], dict[int, int]]:
     shards.append(with_damage("c", _sample("c03", 2)))  # the second c03 of this shard
     shards.append(with_damage("d", _sample("dbiglabel", NUM_CLASSES + 5)))  # a class the manifest does not have
 
-    # Cut inside the data of e07.jpg: e00..e06 are whole, e07 is the one bad sample.
+    # Cut inside the data of e07.jpg: e00..e06 are whole, e07 is bad, e08 and e09 are missing: 3 bad.
     data, offsets = _tar(_good("e", range(10)))
-    bad[len(shards)] = 1
+    bad[len(shards)] = 3
     shards.append(data[: offsets["e07.jpg"] + 512 + 100])
     good.extend(f"e{i:02d}" for i in range(7))
     # Cut exactly at the header of f07.jpg: tarfile alone reads this as a shorter, complete archive. f06 (whose
-    # members may be incomplete, as far as the reader can know) is the one bad sample; f00..f05 are good.
+    # members may be incomplete, as far as the reader can know) is bad, f07..f09 are missing: 4 bad; f00..f05 good.
     data, offsets = _tar(_good("f", range(10)))
-    bad[len(shards)] = 1
+    bad[len(shards)] = 4
     shards.append(data[: offsets["f07.jpg"]])
     good.extend(f"f{i:02d}" for i in range(6))
 
@@ -107,11 +123,23 @@ def corrupt_shards() -> tuple[list[bytes], set[str], dict[int, int]]:
         shards.append(data)
         good.extend(f"{prefix}{i:02d}" for i in range(10))
     assert len(good) == len(set(good))
-    return shards, set(good), bad
+    written = [11, 11, 11, 11, 10, 10, 10, 10]  # the damaged shards a-d hold one sample more than the others
+    return shards, written, set(good), bad
 
 
-def write_shard_set(base: str, tars: list[bytes], split: str = "train") -> tuple[str, list[str]]:
-    """Upload the tars and a manifest (which fixes num_classes); returns the manifest URL and the shard URLs."""
+def samples_in(tar: bytes) -> int:
+    """The samples of a whole tar: runs of members sharing a key."""
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        keys = [name.split(".", 1)[0] for name in archive.getnames()]
+    return sum(1 for i, key in enumerate(keys) if i == 0 or keys[i - 1] != key)
+
+
+def write_shard_set(
+    base: str, tars: list[bytes], split: str = "train", samples: list[int] | None = None
+) -> tuple[str, list[str]]:
+    """Upload the tars and a manifest recording each shard's samples (``samples``, or counted in the whole tars)
+    and size; returns the manifest URL and the shard URLs."""
+    samples = samples or [samples_in(t) for t in tars]
     urls = []
     for i, data in enumerate(tars):
         url = storage.join(base, shard_name(split, i))
@@ -123,10 +151,13 @@ def write_shard_set(base: str, tars: list[bytes], split: str = "train") -> tuple
         {
             "format": "vitpipe-webdataset/1",
             "split": split,
-            "num_samples": 80,
+            "num_samples": sum(samples),
             "num_classes": NUM_CLASSES,
             "class_names": [f"c{i}" for i in range(NUM_CLASSES)],
-            "shards": [{"name": shard_name(split, i), "bytes": len(t)} for i, t in enumerate(tars)],
+            "shards": [
+                {"name": shard_name(split, i), "samples": n, "bytes": len(t)}
+                for i, (t, n) in enumerate(zip(tars, samples, strict=True))
+            ],
         },
     )
     return manifest, urls
@@ -140,8 +171,8 @@ def corrupt_set(request, tmp_path_factory) -> tuple[str, list[str], set[str], di
         base = make_bucket() + "/corrupt"
     else:
         base = f"file://{tmp_path_factory.mktemp('corrupt')}"
-    tars, good, bad = corrupt_shards()
-    manifest, urls = write_shard_set(base, tars)
+    tars, written, good, bad = corrupt_shards()
+    manifest, urls = write_shard_set(base, tars, samples=written)
     return manifest, urls, good, {urls[i]: n for i, n in bad.items()}
 
 
@@ -163,6 +194,7 @@ def _epoch0(cfg: DataConfig, rank: int) -> tuple[list[str], Counter, Counter, Co
     batches: Iterator = loader.batches()
     for _ in range(MAX_BATCHES):
         batch = next(batches)
+        assert_images_carry_their_labels(batch)
         bad_delivered.update(batch.bad_by_shard)
         if batch.stream not in done:
             bad_epoch0.update(batch.bad_by_shard)
@@ -201,6 +233,7 @@ def test_evaluation_pass_yields_every_good_sample_once_and_counts_every_bad_one(
         loader = build_eval_loader(manifest, image_size=8, batch_size=4, rank=rank, world_size=RANKS, workers=WORKERS)
         for batch in loader.batches():
             assert len(batch.keys) == batch.images.shape[0] > 0
+            assert_images_carry_their_labels(batch)
             keys.update(batch.keys)
         counted.update(loader.bad_by_shard)
     assert keys == Counter(good)
@@ -251,7 +284,7 @@ def test_a_bad_sample_rate_over_the_threshold_stops_the_run_naming_the_worst_sha
     loader = build_train_loader(_cfg(manifest, max_bad_fraction=0.2), batch_size=8, rank=0, world_size=1)
     batches = loader.batches()
     for _ in range(80):  # 80 x 8 = 640 good samples, past two epochs of 216
-        next(batches)
+        assert_images_carry_their_labels(next(batches))
     assert loader.stats()["bad_samples"] >= 48
 
 

@@ -39,6 +39,20 @@ class Batch:
     bad_by_shard: dict[str, int] = field(default_factory=dict)
 
 
+def missing_samples(url: str, read: int, expected: dict[str, int] | None) -> tuple[int, str]:
+    """How many samples of the shard ``url`` its manifest promises beyond the ``read`` ones, and why that is;
+    raises ``DataError`` for a shard holding more samples than its manifest says (another shard's manifest)."""
+    promised = None if expected is None else expected.get(url)
+    if promised is None:
+        return 0, ""
+    if read > promised:
+        raise DataError(
+            f"shard {url} holds more samples ({read}) than its manifest records ({promised}): the manifest does not "
+            "describe this shard; rewrite it with jobs/prepare_data.py"
+        )
+    return promised - read, f"the shard ended after {read} of the {promised} samples its manifest records"
+
+
 def sample_problem(sample: RawSample, num_classes: int | None) -> str | None:
     """Why a sample is bad before its image is decoded (unreadable, or a label outside the manifest's classes), or
     None. Training, evaluation and label-only reads judge samples alike: an unknown label is bad data, not a class."""
@@ -132,6 +146,15 @@ class BatchBuilder:
         self.epochs.append(epoch)
         return True
 
+    def add_missing(self, url: str, count: int, why: str) -> None:
+        """Count ``count`` samples the manifest promises for ``url`` but the shard did not give as bad."""
+        if count <= 0:
+            return
+        if self.strict:
+            raise DataError(f"{self.where}: {url} is missing {count} samples: {why} ({self.strict})")
+        self.bad[url] += count
+        self.report(url, f"<{count} missing samples>", why)
+
     @property
     def full(self) -> bool:
         return len(self.images) == self.batch_size
@@ -218,6 +241,10 @@ class TrainLoaderBase:
         # {jpg, json} shards and multi-label data: where the labels are, and whether batches carry multi-hot rows.
         self.label_field = label_field_of(manifest)
         self.multi_label = bool(manifest and manifest.get("multi_label"))
+        # What each shard holds according to its manifest: samples a shard does not give are counted as bad.
+        self.shard_samples: dict[str, int] | None = (
+            dict(zip(manifest["shard_urls"], manifest["shard_samples"], strict=True)) if manifest else None
+        )
         self._counters = RunCounters(cfg.max_bad_fraction)
 
     def batches(self) -> Iterator[Batch]:

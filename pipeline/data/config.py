@@ -15,6 +15,11 @@ class DataError(ValueError):
     """A data problem the user must fix (missing shards, too few shards, corrupt data past the threshold...)."""
 
 
+# The largest image any decode path accepts, by default PIL's own (Image.MAX_IMAGE_PIXELS: 256 MiB of 24-bit
+# pixels, e.g. 9459 x 9459). PIL refuses images over twice that whatever we allow: the ceiling of the setting.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+PIL_HARD_MAX_IMAGE_PIXELS = 2 * DEFAULT_MAX_IMAGE_PIXELS
+
 # Several sources read as one (e.g. a benchmark's train and minival splits), as in WebDataset's URL lists.
 SOURCE_SEPARATOR = "::"
 
@@ -42,6 +47,10 @@ _LIMITS: dict[str, tuple[Callable[[float], bool], str]] = {
     "workers": (lambda v: v >= 0, "is the number of DataLoader workers per rank: use 0 or more"),
     "shuffle_buffer": (lambda v: v >= 0, "must be >= 0 (0 disables sample shuffling)"),
     "max_bad_fraction": (lambda v: 0.0 <= v <= 1.0, "is a fraction of samples: use a value in [0, 1]"),
+    "max_image_pixels": (
+        lambda v: 0 < v <= PIL_HARD_MAX_IMAGE_PIXELS,
+        f"is the largest image (height x width) decoded: use 1..{PIL_HARD_MAX_IMAGE_PIXELS} (PIL's own ceiling)",
+    ),
 }
 
 
@@ -62,6 +71,8 @@ class DataConfig(pydantic.BaseModel, extra="forbid", frozen=False):
     resampled: bool = False
     strict: bool = False
     max_bad_fraction: float = 0.01
+    # Larger images are bad samples, refused from their header before decoding (decompression bombs).
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     crop_scale: tuple[float, float] = (0.08, 1.0)
     flip: bool = True
     seed: int = 0

@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import shards as shardlib
-from pipeline.data.batches import Batch, BatchBuilder, sample_problem
-from pipeline.data.config import DataError
+from pipeline.data.batches import Batch, BatchBuilder, missing_samples, sample_problem
+from pipeline.data.config import DEFAULT_MAX_IMAGE_PIXELS, DataError
 from pipeline.data.shardsets import resolve
 from pipeline.data.transforms import EVAL_CROP_FRACTION, eval_transform
 
@@ -35,6 +35,8 @@ class EvalStreams(IterableDataset):
     only_keys: frozenset[str] | None  # decode just these; None: all
     label_field: str | None = None  # labels from this .json field (shards.label_field_of)
     multi_label: bool = False  # labels as multi-hot [B, K]
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    shard_samples: dict[str, int] | None = None  # what each shard holds, from the manifest
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -48,18 +50,30 @@ class EvalStreams(IterableDataset):
             strict="strict evaluation" if self.strict else None,
             multi_label=self.multi_label,
         )
-        resize = partial(eval_transform, size=self.image_size, crop_fraction=self.crop_fraction)
+        resize = partial(
+            eval_transform, size=self.image_size, crop_fraction=self.crop_fraction, max_pixels=self.max_pixels
+        )
         for k in range(worker, len(self.urls), workers):
             url = self.urls[k]
+            read = 0
             for j, sample in enumerate(shardlib.iter_shard(url, self.label_field)):
+                read = j + 1
                 if (k + j) % self.world_size != self.rank:
                     continue
                 if self.only_keys is not None and sample.key not in self.only_keys:
                     continue  # not asked for: not decoded, not judged
                 if batch.add(url, sample, resize) and batch.full:
                     yield batch.take()
+            missing, why = missing_samples(url, read, self.shard_samples)
+            # This rank's share of the missing samples: the positions j it would have kept.
+            batch.add_missing(url, _share(k, read, read + missing, self.rank, self.world_size), why)
         if batch.pending:  # bad samples after the last full batch must be counted too (an empty batch carries them)
             yield batch.take()
+
+
+def _share(shard_index: int, start: int, stop: int, rank: int, world_size: int) -> int:
+    """How many sample positions j in [start, stop) of shard ``shard_index`` belong to ``rank``."""
+    return sum(1 for j in range(start, stop) if (shard_index + j) % world_size == rank)
 
 
 class EvalLoader:
@@ -99,6 +113,7 @@ def build_eval_loader(
     crop_fraction: float | None = EVAL_CROP_FRACTION,
     strict: bool = False,
     only_keys: Iterable[str] | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> EvalLoader:
     """One pass over ``url`` (pattern or manifest), resize + centre crop, every sample exactly once across ranks.
 
@@ -123,8 +138,14 @@ def build_eval_loader(
         only_keys=None if only_keys is None else frozenset(only_keys),
         label_field=shardlib.label_field_of(manifest),
         multi_label=bool(manifest and manifest.get("multi_label")),
+        max_pixels=max_image_pixels,
+        shard_samples=_shard_samples(manifest),
     )
     return EvalLoader(dataset, workers=workers, manifest=manifest)
+
+
+def _shard_samples(manifest: dict[str, Any] | None) -> dict[str, int] | None:
+    return dict(zip(manifest["shard_urls"], manifest["shard_samples"], strict=True)) if manifest else None
 
 
 @dataclass(frozen=True)
@@ -145,12 +166,18 @@ def read_labels(url: str) -> SplitLabels:
     num_classes = manifest["num_classes"] if manifest else None
     keys, labels, where = [], [], []
     bad: Counter[str] = Counter()
+    expected = _shard_samples(manifest)
     for shard in urls:
+        read = 0
         for sample in shardlib.iter_shard(shard, shardlib.label_field_of(manifest)):
+            read += 1
             if sample_problem(sample, num_classes) is None:
                 keys.append(sample.key)
                 labels.append(sample.label)
                 where.append(shard)
             else:
                 bad[shard] += 1
+        missing, _ = missing_samples(shard, read, expected)
+        if missing:
+            bad[shard] += missing
     return SplitLabels(keys, np.asarray(labels, dtype=np.int64), where, dict(bad))

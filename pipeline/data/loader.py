@@ -31,7 +31,7 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import shards as shardlib
-from pipeline.data.batches import Batch, BatchBuilder, TrainLoaderBase
+from pipeline.data.batches import Batch, BatchBuilder, TrainLoaderBase, missing_samples
 from pipeline.data.config import DataConfig, DataError
 from pipeline.data.ray_engine import RayTrainLoader
 from pipeline.data.transforms import AUG_DRAWS, train_transform
@@ -112,18 +112,24 @@ class TrainStreams(IterableDataset):
             good_in_epoch = 0
             for shard_pos in range(start_shard, len(plan)):
                 url = loader.urls[plan[shard_pos]]
-                readable = 0
+                readable = read = 0
                 rng = np.random.default_rng([cfg.seed, epoch, loader.rank, stream, shard_pos, 2])
                 aug_rng = np.random.default_rng([cfg.seed, epoch, loader.rank, stream, shard_pos, 3])
                 samples = shardlib.iter_shard(url, loader.label_field)
                 for i, sample in enumerate(shuffle_buffer(samples, cfg.shuffle_buffer, rng)):
                     readable += sample.error is None
+                    read += 1
                     # Every sample takes its draws, skipped or bad: later samples' augmentations stay the same.
                     uniforms = aug_rng.random(AUG_DRAWS)
                     if i < skip:
                         continue  # taken before the restore: not decoded, not counted again
                     augment = partial(
-                        train_transform, size=cfg.image_size, u=uniforms, scale=cfg.crop_scale, flip=cfg.flip
+                        train_transform,
+                        size=cfg.image_size,
+                        u=uniforms,
+                        scale=cfg.crop_scale,
+                        flip=cfg.flip,
+                        max_pixels=cfg.max_image_pixels,
                     )
                     if batch.add(url, sample, augment, epoch):
                         good_in_epoch += 1
@@ -131,6 +137,7 @@ class TrainStreams(IterableDataset):
                             yield batch.take(position=(epoch, shard_pos, i + 1))
                 if readable == 0:
                     raise DataError(f"{where}: shard {url} has no readable samples (empty, truncated or not a tar)")
+                batch.add_missing(url, *missing_samples(url, read, loader.shard_samples))
                 skip = 0
             if whole_epoch and good_in_epoch == 0:
                 raise DataError(

@@ -24,7 +24,9 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.data import shards
+from pipeline.data.config import DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.data.sources import SPLITS, Source, SourceSample, load_source
+from pipeline.data.transforms import DecodeError, check_pixels, image_size
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +90,25 @@ class PrepareOptions:
     local: bool = False  # convert the large sources in this process instead of as Ray tasks
 
 
-def encode_image(image: bytes | np.ndarray) -> tuple[bytes, int, int]:
-    """JPEG bytes (passed through when already a JPEG that decodes to RGB) and (height, width)."""
+def encode_image(image: bytes | np.ndarray, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[bytes, int, int]:
+    """JPEG bytes (passed through when already a JPEG that decodes to RGB) and (height, width).
+
+    Raises ``DecodeError`` (a ValueError) for what is not an image and for an image over ``max_pixels``, judged
+    from its header before any pixel is decoded (a decompression bomb must not take the converter's memory)."""
     if isinstance(image, bytes):
+        height, width = image_size(image, max_pixels)
         try:
-            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(image)
+            _, _, colorspace, _ = simplejpeg.decode_jpeg_header(image)
             if colorspace not in ("CMYK", "YCCK"):
                 return image, height, width
         except ValueError:
             pass  # not a JPEG (PNG, GIF...): re-encode below
-        with Image.open(io.BytesIO(image)) as im:
-            image = np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(io.BytesIO(image)) as im:
+                image = np.asarray(im.convert("RGB"))
+        except Exception as exc:  # PIL's DecompressionBombError is no OSError or ValueError
+            raise DecodeError(f"undecodable image ({type(exc).__name__}: {exc})") from exc
+    check_pixels(image.shape[0], image.shape[1], max_pixels)
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
     image = np.ascontiguousarray(image, dtype=np.uint8)

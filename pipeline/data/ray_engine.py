@@ -63,6 +63,7 @@ def build_ray_dataset(cfg: DataConfig, *, url: str | None = None, train: bool = 
         "num_classes": num_classes,
         "label_field": shardlib.label_field_of(manifest),
         "multi_label": multi_label,
+        "transform_kw": {"max_pixels": cfg.max_image_pixels},
     }
     return shard_dataset(urls, train=train, fn_kwargs=fn_kwargs)
 

@@ -60,9 +60,45 @@ def read_manifest(url: str) -> dict[str, Any]:
         raise DataError(f"manifest {url} is not valid JSON ({exc}); rewrite it with jobs/prepare_data.py") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise DataError(f"{url} is not a shard-set manifest of format {MANIFEST_FORMAT!r}")
+    entries = manifest.get("shards")
+    if not isinstance(entries, list):
+        raise DataError(f"manifest {url} has no 'shards' list; rewrite it with jobs/prepare_data.py")
+    for i, shard in enumerate(entries):
+        _check_shard_entry(url, i, shard)
+    counted = sum(shard["samples"] for shard in entries)
+    if manifest.get("num_samples") != counted:
+        raise DataError(
+            f"manifest {url}: num_samples is {manifest.get('num_samples')!r} but its shards hold {counted} samples "
+            "(the step count is derived from it); rewrite the manifest with jobs/prepare_data.py"
+        )
     base = url.rsplit("/", 1)[0]
-    manifest["shard_urls"] = [storage.join(base, shard["name"]) for shard in manifest["shards"]]
+    manifest["shard_urls"] = [storage.join(base, shard["name"]) for shard in entries]
+    # What each shard must hold, checked by the pre-flight (bytes, from the store's listing) and the loaders
+    # (samples, as read): a shard that lost samples must not pass for a complete one.
+    manifest["shard_samples"] = [shard["samples"] for shard in entries]
+    manifest["shard_bytes"] = [shard.get("bytes") for shard in entries]
     return manifest
+
+
+def _check_shard_entry(url: str, index: int, shard: Any) -> None:
+    """A manifest's shard entry names a file in the manifest's own directory and says how many samples it holds."""
+    name = shard.get("name") if isinstance(shard, dict) else None
+    where = f"manifest {url}: shard entry {index} ({name!r})"
+    # A name with a separator, or "..", would resolve outside the shard set: to any file the job can read.
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise DataError(
+            f"{where} is not a plain file name beside the manifest (no '/', '\\' or '..'); shards must sit in "
+            "the manifest's directory: fix the entry or rewrite the manifest with jobs/prepare_data.py"
+        )
+    samples = shard.get("samples")
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+        raise DataError(
+            f"{where} has no valid 'samples' count ({samples!r}); the loaders check every shard against it: "
+            "rewrite the manifest with jobs/prepare_data.py"
+        )
+    size = shard.get("bytes")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
+        raise DataError(f"{where} has an invalid 'bytes' size ({size!r}); rewrite the manifest")
 
 
 def expand_urls(pattern: str) -> list[str]:

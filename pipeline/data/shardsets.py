@@ -35,6 +35,8 @@ def resolve(url: str) -> tuple[list[str], dict[str, Any] | None]:
     merged = {
         **first,
         "shard_urls": urls,
+        "shard_samples": [n for m in manifests for n in m["shard_samples"]],
+        "shard_bytes": [n for m in manifests for n in m["shard_bytes"]],
         "num_samples": sum(m["num_samples"] for m in manifests),
         "class_counts": [sum(c) for c in zip(*counts, strict=True)] if all(counts) else None,
     }
@@ -51,8 +53,10 @@ def _resolve_one(url: str) -> tuple[list[str], dict[str, Any] | None]:
         raise DataError(str(exc)) from exc
 
 
-def _check_shards_exist(urls: list[str], field_name: str) -> None:
-    """Every shard exists and is non-empty; one listing per directory rather than one request per shard."""
+def _check_shards_exist(urls: list[str], field_name: str, sizes: list[int | None] | None = None) -> None:
+    """Every shard exists, is non-empty and has the size its manifest records (``sizes``, None where unknown);
+    one listing per directory rather than one request per shard."""
+    expected = dict(zip(urls, sizes or [None] * len(urls), strict=True))
     by_dir: dict[str, list[str]] = {}
     for url in urls:
         by_dir.setdefault(url.rsplit("/", 1)[0], []).append(url)
@@ -71,6 +75,9 @@ def _check_shards_exist(urls: list[str], field_name: str) -> None:
                 problems.append(f"{url} does not exist")
             elif not entry.get("size"):
                 problems.append(f"{url} is empty")
+            elif expected[url] is not None and entry["size"] != expected[url]:
+                # Truncated, or replaced after the manifest was written: its samples are not the manifest's.
+                problems.append(f"{url} has {entry['size']} bytes but its manifest records {expected[url]}")
     if problems:
         shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
         raise DataError(f"{field_name}: {shown}. Check the URL pattern, or (re)write the shards with prepare_data.py")
@@ -111,14 +118,14 @@ def check_data(cfg: DataConfig, *, world_size: int) -> DataInfo:
         urls, manifest = resolve(cfg.train)
         if not urls:
             raise DataError(f"data.train: {cfg.train!r} names no shards")
-        _check_shards_exist(urls, "data.train")
+        _check_shards_exist(urls, "data.train", manifest["shard_bytes"] if manifest else None)
     require_enough_shards(len(urls), world_size, cfg.workers, f"data.train ({cfg.train})")
     if cfg.eval is not None:
         with _reaching("data.eval", cfg.eval):
-            eval_urls, _ = resolve(cfg.eval)
+            eval_urls, eval_manifest = resolve(cfg.eval)
             if not eval_urls:
                 raise DataError(f"data.eval: {cfg.eval!r} names no shards")
-            _check_shards_exist(eval_urls, "data.eval")
+            _check_shards_exist(eval_urls, "data.eval", eval_manifest["shard_bytes"] if eval_manifest else None)
     return DataInfo(
         num_shards=len(urls),
         num_samples=manifest["num_samples"] if manifest else None,

@@ -12,6 +12,10 @@ Why this is fast: a random-resized crop of a photo needs far fewer pixels than t
 4. images stay uint8 until ``normalize`` runs on the accelerator: a quarter of the bytes through shared memory
    and host-to-device copies, and no float work on the CPU.
 Anything simplejpeg cannot decode (PNG, CMYK JPEG) goes through PIL; what PIL cannot decode is a bad sample.
+
+Every decode path reads the image's dimensions from its header first and refuses an image of more than
+``max_pixels`` pixels (``data.max_image_pixels``) before a single pixel is allocated: a few hundred bytes can
+declare a 60000 x 60000 JPEG (a decompression bomb), which would otherwise cost a loader worker gigabytes.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipeline.data.config import DEFAULT_MAX_IMAGE_PIXELS
+
 INCEPTION_RATIO = (3 / 4, 4 / 3)
 # Eval: resize the shorter side to size / 0.875 (1.14x) and take the centre crop (the Inception / timm
 # convention). ``crop_fraction=None`` instead resizes the whole image straight to size x size, as the ViT
@@ -33,21 +39,35 @@ EVAL_CROP_FRACTION = 0.875
 
 
 class DecodeError(ValueError):
-    """The bytes are not an image we can decode."""
+    """The bytes are not an image we can decode (or one larger than the image limit)."""
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(height, width) from the JPEG header, or from PIL for other formats, without decoding pixels."""
+def check_pixels(height: int, width: int, max_pixels: int) -> None:
+    """Raise ``DecodeError`` for an image of more than ``max_pixels`` pixels (read from its header)."""
+    if height * width > max_pixels:
+        raise DecodeError(
+            f"image of {width} x {height} = {height * width:,} pixels is over the limit of {max_pixels:,} "
+            "(data.max_image_pixels): a decompression bomb, or a photo to downscale before conversion"
+        )
+
+
+def image_size(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(height, width) from the JPEG header, or from PIL for other formats, without decoding pixels; raises
+    ``DecodeError`` for an image over ``max_pixels``."""
     try:
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-        return height, width
     except ValueError:
-        pass
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.height, im.width
-    except Exception as exc:
-        raise DecodeError(f"not an image ({type(exc).__name__}: {exc})") from exc
+        try:
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only
+                height, width = im.height, im.width
+        except Image.DecompressionBombError as exc:  # past twice PIL's default, refused by PIL itself
+            raise DecodeError(
+                f"image is over the limit of {max_pixels:,} pixels (data.max_image_pixels), by PIL's check: {exc}"
+            ) from exc
+        except Exception as exc:  # PIL's errors share no base class with OSError or ValueError
+            raise DecodeError(f"not an image ({type(exc).__name__}: {exc})") from exc
+    check_pixels(height, width, max_pixels)
+    return height, width
 
 
 def _decode(data: bytes, height: int, width: int, scale_down: int, fast: bool) -> np.ndarray:
@@ -82,13 +102,19 @@ def _scale_down_for(crop_h: float, crop_w: float, size: int) -> int:
 
 
 def crop_resize(
-    data: bytes, box: tuple[float, float, float, float], size: int, *, flip: bool = False, fast: bool = False
+    data: bytes,
+    box: tuple[float, float, float, float],
+    size: int,
+    *,
+    flip: bool = False,
+    fast: bool = False,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> torch.Tensor:
     """Decode the region ``box`` = (top, left, height, width) of an image (in full-size pixels) to [size, size, 3].
 
     ``fast`` (training): fast DCT / chroma upsampling and no antialiasing in the final (< 2x) resize.
     """
-    height, width = image_size(data)
+    height, width = image_size(data, max_pixels)
     top, left, crop_h, crop_w = box
     factor = _scale_down_for(crop_h, crop_w, size)
     pixels = _decode(data, height, width, factor, fast)
@@ -151,23 +177,30 @@ def train_transform(
     *,
     scale: tuple[float, float] = (0.08, 1.0),
     flip: bool = True,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> torch.Tensor:
     """Inception crop + random horizontal flip of an encoded image: uint8 [size, size, 3].
 
     ``u``: the sample's ``AUG_DRAWS`` uniforms in [0, 1), e.g. ``rng.random(AUG_DRAWS)``.
     """
-    height, width = image_size(data)
+    height, width = image_size(data, max_pixels)
     box = random_resized_crop_box(height, width, u[:-1], scale)
-    return crop_resize(data, box, size, flip=flip and bool(u[-1] < 0.5), fast=True)
+    return crop_resize(data, box, size, flip=flip and bool(u[-1] < 0.5), fast=True, max_pixels=max_pixels)
 
 
-def eval_transform(data: bytes, size: int, *, crop_fraction: float | None = EVAL_CROP_FRACTION) -> torch.Tensor:
+def eval_transform(
+    data: bytes,
+    size: int,
+    *,
+    crop_fraction: float | None = EVAL_CROP_FRACTION,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> torch.Tensor:
     """Resize + centre crop (or straight to size x size when ``crop_fraction`` is None): uint8 [size, size, 3]."""
-    height, width = image_size(data)
+    height, width = image_size(data, max_pixels)
     if crop_fraction is None:
-        return crop_resize(data, (0, 0, height, width), size)
+        return crop_resize(data, (0, 0, height, width), size, max_pixels=max_pixels)
     side = min(height, width) * crop_fraction
-    return crop_resize(data, ((height - side) / 2, (width - side) / 2, side, side), size)
+    return crop_resize(data, ((height - side) / 2, (width - side) / 2, side, side), size, max_pixels=max_pixels)
 
 
 def to_chw_batch(images: list[torch.Tensor]) -> torch.Tensor:
