@@ -19,6 +19,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -204,9 +205,8 @@ def put_file(local: str | os.PathLike, url: str) -> None:
     if scheme_of(url) == "file":
         dest = Path(path)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, dest)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+        _replace_durably(fd, tmp, dest, lambda f: _copy_into(local, f))
         return
     fs.put_file(os.fspath(local), path)
 
@@ -269,10 +269,33 @@ def is_complete(url: str) -> bool:
 def _atomic_local_write(dest: Path, data: bytes) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    _replace_durably(fd, tmp, dest, lambda f: f.write(data))
+
+
+def _copy_into(local: str | os.PathLike, f: IO[bytes]) -> None:
+    with open(local, "rb") as src:
+        shutil.copyfileobj(src, f, 4 * 2**20)
+
+
+def _replace_durably(fd: int, tmp: str, dest: Path, fill: Callable[[IO[bytes]], object]) -> None:
+    """Fill the temp file ``tmp`` (open as ``fd``), make its bytes durable, rename it to ``dest`` and make the
+    rename durable; on any failure (a full disk included) remove the temp file and raise.
+
+    Without the two fsyncs a power loss can leave the new name pointing at an empty or partial file, or lose
+    the rename, while a completion marker written (and synced) after it survives: the marker would then vouch
+    for files that are not there."""
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from other users of a shared filesystem
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    directory = os.open(dest.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

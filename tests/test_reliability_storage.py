@@ -13,6 +13,7 @@ tests/test_reliability_training.py.)
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 
@@ -115,7 +116,7 @@ def test_an_outage_past_the_retry_budget_fails_the_loader_in_bounded_time_withou
     proxy, shard_set, monkeypatch
 ):
     monkeypatch.setattr(storage, "STREAM_BLOCK_SIZE", BLOCK)
-    manifest, _, _ = shard_set
+    manifest, urls, _ = shard_set
     cfg = DataConfig(train=manifest, image_size=8, workers=0, shuffle_buffer=0, seed=5, max_bad_fraction=1.0)
     loader = build_train_loader(cfg, batch_size=3, rank=0, world_size=1)
     batches = loader.batches()
@@ -127,6 +128,9 @@ def test_an_outage_past_the_retry_budget_fails_the_loader_in_bounded_time_withou
             next(batches)
     seconds = time.monotonic() - started
     assert isinstance(raised.value, storage.StorageError), f"reported as a data problem: {raised.value}"
-    assert "gs://" in str(raised.value)
+    # The documented error: the shard that could not be read, and that none of its samples was skipped.
+    documented = r"reading shard (gs://\S+) failed \(.+\); no sample of it was skipped"
+    named = re.fullmatch(documented, str(raised.value), re.S)
+    assert named and named.group(1) in urls, str(raised.value)
     assert loader.stats()["bad_samples"] == 0  # an outage is not corrupt data
     assert seconds < 100, f"took {seconds:.0f}s to give up"
