@@ -14,6 +14,7 @@ import statistics
 
 import pytest
 from mlflow.tracking import MlflowClient
+from ray.exceptions import WorkerCrashedError
 
 import model as vit_model
 from pipeline import compare as cmp
@@ -136,8 +137,18 @@ def test_sweep_records_every_child_and_a_broken_benchmark_fails_alone(
             assert child.data.params["momentum"] == "0.9" and child.data.params["grad_clip"] == "1.0"
             assert child.data.params["resolution"] == "24"
         else:
-            assert 0.0 <= child.data.metrics["fewshot_2shot"] <= 1.0
-            assert "fewshot_2shot_std" in child.data.metrics
+            # The mean and sample std over the seeds' own accuracies, exactly.
+            for k in (1, 2):
+                seeds = [child.data.metrics[f"fewshot_{k}shot_seed{s}"] for s in range(2)]
+                assert child.data.metrics[f"fewshot_{k}shot"] == statistics.mean(seeds)
+                assert child.data.metrics[f"fewshot_{k}shot_std"] == statistics.stdev(seeds)
+
+    # Every child's metrics in MLflow are exactly what its run returned to the driver.
+    returned = {o.spec.run_id: o.metrics for o in result.outcomes if o.status == "FINISHED"}
+    for child in children:
+        if child.info.status == "FINISHED":
+            got = returned[child.info.run_id]
+            assert {k: child.data.metrics[k] for k in got} == got, child.info.run_name
 
     # The parent summary is the best-on-minival learning rate's mean over seeds, recomputed here from the children.
     digits = [c for c in finetunes if c.data.tags["benchmark"] == "digits_heldout"]
@@ -149,9 +160,17 @@ def test_sweep_records_every_child_and_a_broken_benchmark_fails_alone(
     tests = [c.data.metrics["test_accuracy"] for c in by_lr[best]]
     metrics = parent.data.metrics
     assert metrics["digits_heldout/best_lr"] == best
-    assert metrics["digits_heldout/test_accuracy"] == pytest.approx(statistics.mean(tests))
-    assert metrics["digits_heldout/test_accuracy_std"] == pytest.approx(statistics.stdev(tests))
-    assert "lfw/fewshot_1shot" in metrics
+    assert metrics["digits_heldout/test_accuracy"] == statistics.mean(tests)  # exact: mean is order-independent
+    assert metrics["digits_heldout/test_accuracy_std"] == statistics.stdev(tests)
+    # Few-shot rows are their child run's numbers, exactly.
+    for child in fewshots:
+        name = child.data.tags["benchmark"]
+        for k in (1, 2):
+            if name == BROKEN:
+                assert f"{name}/fewshot_{k}shot" not in metrics
+                continue
+            assert metrics[f"{name}/fewshot_{k}shot"] == child.data.metrics[f"fewshot_{k}shot"]
+            assert metrics[f"{name}/fewshot_{k}shot_std"] == child.data.metrics[f"fewshot_{k}shot_std"]
     # lfw reports its final run: the minival winner retrained on train + minival.
     lfw = {c.data.params["stage"]: c for c in finetunes if c.data.tags["benchmark"] == "lfw"}
     lfw_select = [c for c in finetunes if c.data.tags["benchmark"] == "lfw" and c.data.params["stage"] == "select"]
@@ -159,7 +178,7 @@ def test_sweep_records_every_child_and_a_broken_benchmark_fails_alone(
         sorted(lfw_select, key=lambda c: float(c.data.params["lr"])), key=lambda c: c.data.metrics["minival_accuracy"]
     )
     assert float(lfw["final"].data.params["lr"]) == metrics["lfw/best_lr"] == float(winner.data.params["lr"])
-    assert metrics["lfw/test_accuracy"] == pytest.approx(lfw["final"].data.metrics["test_accuracy"])
+    assert metrics["lfw/test_accuracy"] == lfw["final"].data.metrics["test_accuracy"]
     assert parent.data.tags[schema.status_tag(BROKEN)] == schema.STATUS_FAILED
     assert f"{BROKEN}/test_accuracy" not in metrics
 
@@ -299,7 +318,8 @@ def test_a_run_whose_worker_is_killed_is_marked_failed_and_the_others_finish(
     children = {c.data.tags["benchmark"] + c.data.params["lr"]: c for c in _children(client, result.run_id)}
     killed = children["lfw0.01"]
     assert killed.info.status == "FAILED"
-    assert "Worker" in killed.data.tags[ERROR_TAG] or "died" in killed.data.tags[ERROR_TAG]
+    # The death of its worker process, as Ray reports a SIGKILL: not any error that mentions a worker.
+    assert killed.data.tags[ERROR_TAG] == f"WorkerCrashedError: {WorkerCrashedError()}", killed.data.tags
     assert all(c.info.status == "FINISHED" for key, c in children.items() if key.startswith("digits_heldout"))
     parent = client.get_run(result.run_id)
     assert parent.data.tags[schema.status_tag("lfw")] == schema.STATUS_FAILED
