@@ -107,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  [{init}] {key}: {100 * metrics[key]:.2f}{spread}")
     for outcome in result.failed:
         print(f"transfer: FAILED {outcome.spec.name}: {outcome.error}", file=sys.stderr)
+    for lost in result.untracked:
+        print(f"transfer: not recorded in MLflow (the tracking server kept failing): {lost}")
     print(f"compare: python jobs/compare.py --runs {result.run_id}")
-    return 1 if result.failed else 0
+    return 1 if result.failed or result.untracked else 0
 
 
 if __name__ == "__main__":
