@@ -80,14 +80,42 @@ def check_url(url: str, *, field: str = "url") -> str:
     return url
 
 
+# Bounded waits on GCS. gcsfs makes up to GCS_ATTEMPTS attempts per request (its fixed policy), sleeping
+# 1, 2, 4, 8, 16 s (+ up to 1 s each) between them. Each attempt gives up when the server sends nothing for
+# ``request_timeout_s`` (while connecting, or between two reads): a large upload or download that keeps moving is
+# never cut, while a bucket that accepts and never answers fails a call within
+# GCS_ATTEMPTS * request_timeout_s + GCS_BACKOFF_S. Without it aiohttp waits 300 s per attempt (30 minutes a call).
+GCS_ATTEMPTS = 6
+GCS_BACKOFF_S = 36.0
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
+_request_timeout_s = DEFAULT_REQUEST_TIMEOUT_S
+
+
+def set_request_timeout(seconds: float) -> None:
+    """Seconds an attempt of a remote request may go without a byte from the server (``run.storage_timeout_s``)."""
+    global _request_timeout_s
+    if not seconds > 0:
+        raise ValueError(f"storage request timeout must be > 0 seconds, got {seconds!r}")
+    _request_timeout_s = float(seconds)
+
+
+def worst_case_call_s() -> float:
+    """How long one call to a hung bucket can wait before it raises, with the current request timeout."""
+    return GCS_ATTEMPTS * _request_timeout_s + GCS_BACKOFF_S
+
+
 def _gcs_filesystem() -> fsspec.AbstractFileSystem:
+    import aiohttp
+
+    # No total limit (a checkpoint partition of several GB takes minutes): a limit on silence instead.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=_request_timeout_s, sock_read=_request_timeout_s)
     endpoint = os.environ.get(EMULATOR_ENV)
     if endpoint:
         if not endpoint.startswith("http"):
             endpoint = "http://" + endpoint
         # An emulator has no credentials to check; "anon" also skips the metadata-server lookup.
-        return fsspec.filesystem("gcs", endpoint_url=endpoint, token="anon")
-    return fsspec.filesystem("gcs")
+        return fsspec.filesystem("gcs", endpoint_url=endpoint, token="anon", requests_timeout=timeout)
+    return fsspec.filesystem("gcs", requests_timeout=timeout)
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -59,6 +59,12 @@ class RunSection(Section):
         description="Time to live of the run's lease (one writer per run; renewed every third of it). A second job "
         "with the same run name is refused until it expires; a dead job's lease is taken over after it.",
     )
+    storage_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a gs:// request may go without a byte from the server before the attempt is given up "
+        "(6 attempts): a hung bucket fails a storage call within 6 x this + 36 s instead of 30 minutes.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -181,6 +187,13 @@ class ScaleSection(Section):
         default=0, ge=-1, description="Worker-group restarts Ray Train may do (from the latest checkpoint); -1 = any."
     )
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    collective_timeout_s: float = Field(
+        default=600.0,
+        ge=10,
+        description="Seconds a collective (all-reduce, barrier) may wait for a peer before the attempt fails (the "
+        "process group's timeout): a dead or partitioned worker ends the attempt within it. Raise it if a "
+        "checkpoint upload or the export keeps the other ranks waiting longer.",
+    )
     gpu: Literal["auto", "a100-40", "a100-80", "h100", "h200"] | None = Field(
         default="auto",
         description="The workers' GPU, for the memory check before launch (pipeline.planner): auto = the driver's "

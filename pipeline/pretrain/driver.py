@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 def check_before_launch(cfg: PretrainConfig) -> RunLayout:
     """Everything that can be checked without a cluster: data, derived numbers, resumability. Raises ConfigError."""
+    storage.set_request_timeout(cfg.run.storage_timeout_s)  # before the first storage call of this process
     problems = check_durable_defaults(cfg) + check_local_world(cfg)
     if problems:
         raise ConfigError(problems)
@@ -293,7 +294,8 @@ def _torch_trainer(cfg: PretrainConfig, plan: RunLayout, mlflow_run_id: str | No
     return TorchTrainer(
         train_worker,
         train_loop_config=payload,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        # A dead or partitioned peer fails the attempt within this (Ray Train then restarts the group), not 30 min.
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(cfg.scale.collective_timeout_s)),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scale.workers,
             use_gpu=use_gpu,
@@ -319,7 +321,7 @@ def run_local(cfg: PretrainConfig, plan: RunLayout) -> RunResult:
     """Train as one rank of a local world (``scale.launcher=local``). Rank 0 does what the Ray driver does around
     the workers (``run``: export check, MLflow run); every rank returns its own result, with the export URL
     on rank 0."""
-    with local_worker(cfg.on_gpu) as context:
+    with local_worker(cfg.on_gpu, cfg.scale.collective_timeout_s) as context:
 
         def train_here(mlflow_run_id: str | None) -> dict[str, Any]:
             dist.barrier()  # the other ranks wait until rank 0 has lifted a divergence stop (driver.run)

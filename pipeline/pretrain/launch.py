@@ -16,6 +16,7 @@ Nothing here imports Ray unless the Ray launcher is used.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -123,7 +124,9 @@ class LocalWorkerContext:
     pointer: dict[str, Any] | None = None
 
     @classmethod
-    def start(cls, on_gpu: bool) -> LocalWorkerContext:
+    def start(cls, on_gpu: bool, collective_timeout_s: float = 600.0) -> LocalWorkerContext:
+        """Join the local world; a collective that waits longer than ``collective_timeout_s`` for a peer (dead or
+        partitioned) raises instead of hanging (``scale.collective_timeout_s``)."""
         world = LocalWorld.from_env()
         if world.world_size == 1:
             # A plain process: the rendezvous torchrun would have set up, on loopback. DeepSpeed reads these too.
@@ -137,7 +140,11 @@ class LocalWorkerContext:
             device = torch.device("cpu")
         if not dist.is_initialized():
             dist.init_process_group(
-                "nccl" if on_gpu else "gloo", rank=world.rank, world_size=world.world_size, init_method="env://"
+                "nccl" if on_gpu else "gloo",
+                rank=world.rank,
+                world_size=world.world_size,
+                init_method="env://",
+                timeout=datetime.timedelta(seconds=collective_timeout_s),
             )
         return cls(world.rank, world.world_size, device)
 
@@ -150,8 +157,8 @@ class LocalWorkerContext:
 
 
 @contextmanager
-def local_worker(on_gpu: bool) -> Iterator[LocalWorkerContext]:
-    context = LocalWorkerContext.start(on_gpu)
+def local_worker(on_gpu: bool, collective_timeout_s: float = 600.0) -> Iterator[LocalWorkerContext]:
+    context = LocalWorkerContext.start(on_gpu, collective_timeout_s)
     try:
         yield context
     finally:

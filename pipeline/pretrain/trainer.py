@@ -185,6 +185,7 @@ class Trainer:
         from pipeline.pretrain.engine import build_engine, engine_modes
 
         cfg, plan = self.cfg, self.plan
+        storage.set_request_timeout(cfg.run.storage_timeout_s)  # a Ray worker is a process of its own
         self.rank, self.world, self.device = self.context.rank, self.context.world_size, self.context.device
         if self.world != plan.world_size:
             raise RuntimeError(f"the launcher started {self.world} workers, the plan expects {plan.world_size}")
