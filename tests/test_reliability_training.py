@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +25,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
@@ -237,11 +237,19 @@ def _fault_record(run: Finished, name: str) -> dict:
     return storage.read_json(storage.join(run.plan.run_dir, "_faults", name + ".json"))
 
 
+def _assert_died_of_sigkill(run: Finished, spec: str) -> None:
+    """The process the fault ``spec`` killed ended by SIGKILL: its exit status as ``waitpid`` gave it to the fault's
+    watcher (pipeline/faults.py), not merely a pid that no longer exists (which an exception would leave too)."""
+    [fault] = faults.parse(spec)
+    killed = storage.read_json(faults.record_url(run.plan.run_dir, fault))
+    ended = storage.read_json(faults.exit_record_url(run.plan.run_dir, fault))
+    assert ended["pid"] == killed["pid"] and ended["exit_signal"] == signal.SIGKILL, ended
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # includes the baseline and faulted runs when this test sets them up (~570 s seen)
 def test_a_worker_sigkilled_mid_training_is_restarted_from_the_last_checkpoint_at_the_next_step(faulted) -> None:
-    killed = _fault_record(faulted, "kill@after_step-step6-rank1")
-    assert not psutil.pid_exists(killed["pid"]), "the killed worker process is still alive"
+    _assert_died_of_sigkill(faulted, "kill@after_step:6:1")
     for rank, attempts in faulted.attempts.items():
         assert [a.resumed_from_step for a in attempts] == [0, EVERY, EVERY, EVERY], f"rank {rank}"
         first, restart = attempts[:2]
@@ -259,8 +267,7 @@ def test_a_worker_sigkilled_mid_training_is_restarted_from_the_last_checkpoint_a
 def test_a_checkpoint_whose_save_was_killed_before_its_marker_is_skipped_and_the_one_before_is_resumed(
     faulted, ray_connected
 ) -> None:
-    killed = _fault_record(faulted, "kill@before_marker-step8-rank0")
-    assert not psutil.pid_exists(killed["pid"])
+    _assert_died_of_sigkill(faulted, "kill@before_marker:8:0")
     for attempts in faulted.attempts.values():
         assert attempts[3].resumed_from_step == EVERY and attempts[3].checkpoint.endswith("/step_00000004")
     # Rank 0 of each restart said what it skipped (the step-8 directories left by attempts 1 and 2) and where it
@@ -292,7 +299,7 @@ def test_after_a_worker_death_and_two_interrupted_checkpoints_the_run_ends_exact
 ) -> None:
     samples = _assert_nothing_lost_or_repeated(faulted, baseline, digits80[1])
     diff = _max_diff(faulted.weights, baseline.weights)
-    assert diff <= 1e-6, f"final weights differ from the unfailed run's by {diff}"
+    assert diff == 0.0, f"final weights differ from the unfailed run's by {diff}: not bit-identical"
     print(f"3 faults: {samples} samples committed, 0 lost, 0 repeated; max |w - w_unfailed| = {diff:.1e}")
 
 
@@ -328,6 +335,44 @@ def test_an_unreadable_checkpoint_marker_is_refused_before_ray_naming_the_run(di
     with pytest.raises(ConfigError) as refused:
         check_before_launch(cfg)
     assert "run.name=garbled" in str(refused.value) and "unreadable" in str(refused.value)
+
+
+@pytest.mark.timeout(180)
+def test_a_marker_listing_files_outside_its_checkpoint_is_refused_by_jobs_pretrain_before_ray(
+    digits80, tmp_path
+) -> None:
+    """A marker planted on the checkpoint store names ``../../x`` (a file every resuming rank would write outside its
+    temporary directory): jobs/pretrain.py exits 2 naming the run and the file, before Ray starts, writing nothing."""
+    data, _ = digits80
+    sets = _overrides((data / "train.manifest.json").as_uri(), tmp_path.as_uri(), "planted")
+    step = tmp_path / "planted" / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (step / "rank_00000.pt").write_bytes(b"x")
+    marker = {"step": 4, "world_size": 2, "zero_stage": 2, "files": ["rank_00000.pt", "../../../x.sh"]}
+    (step / storage.COMPLETE_MARKER).write_text(json.dumps(marker))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            PROBE,
+            str(REPO / "jobs/pretrain.py"),
+            "--config",
+            "tiny",
+            *(a for v in sets for a in ("--set", v)),
+        ],
+        cwd=tmp_path,
+        env={**_base_env(), "RAY_ADDRESS": f"127.0.0.1:{_closed_port()}", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert proc.returncode == CONFIG_ERROR_EXIT, proc.stderr[-2000:]
+    assert "run.name=planted" in proc.stderr and "'../../../x.sh'" in proc.stderr, proc.stderr[-2000:]
+    assert "not file names inside the checkpoint directory" in proc.stderr
+    probe = json.loads(proc.stderr.rsplit("PROBE ", 1)[1])
+    assert not probe["ray_initialized"] and "ray" not in probe["imported"], probe
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -475,5 +520,5 @@ def test_after_the_outage_a_resubmitted_run_resumes_from_the_last_checkpoint_and
         assert attempts[1].resumed_from_step == gcs_outages.last_complete >= EVERY
         assert min(attempts[1].steps) == gcs_outages.last_complete + 1
     diff = _max_diff(gcs_outages.resumed.weights, baseline.weights)
-    assert diff <= 1e-6, diff
+    assert diff == 0.0, f"final weights differ from the unfailed run's by {diff}: not bit-identical"
     print(f"resumed from step {gcs_outages.last_complete} after the outage; max |w - w_unfailed| = {diff:.1e}")
