@@ -92,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     metrics = result.metrics
     if result.status == "already-complete":
         print(f"pretrain: run {plan.run_name} was already complete; export: {result.export_uri}")
+    elif result.status == "preempted":
+        from pipeline.pretrain.preemption import EXIT_PREEMPTED
+
+        print(
+            f"pretrain: preempted (SIGTERM): checkpointed step {result.step} of {plan.total_steps} and stopped; "
+            "submit the same command again to resume",
+            flush=True,
+        )
+        return EXIT_PREEMPTED
     elif result.status == "stopped":
         print(
             f"pretrain: stopped at step {result.step} of {plan.total_steps} (train.stop_at_step); run again "

@@ -132,7 +132,7 @@ def check_memory(cfg: PretrainConfig, plan: RunLayout) -> None:
 
 @dataclass
 class RunResult:
-    status: str  # "finished" (exported), "stopped" (train.stop_at_step) or "already-complete"
+    status: str  # "finished" (exported), "stopped" (train.stop_at_step), "preempted" (SIGTERM) or "already-complete"
     step: int
     export_uri: str | None
     mlflow_run_id: str | None
@@ -234,7 +234,7 @@ def run(cfg: PretrainConfig, plan: RunLayout, fit: Callable[[str | None], dict[s
 def run_result(metrics: dict[str, Any], mlflow_run_id: str | None) -> RunResult:
     """A run's result from the metrics its (rank 0) worker reported."""
     return RunResult(
-        "finished" if metrics.get("exported") else "stopped",
+        "finished" if metrics.get("exported") else "preempted" if metrics.get("preempted") else "stopped",
         int(metrics.get("step", 0)),
         metrics.get("export_uri"),
         mlflow_run_id,

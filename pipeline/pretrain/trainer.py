@@ -31,6 +31,7 @@ from pipeline.config import PretrainConfig, RunLayout
 from pipeline.pretrain import checkpoints as ckpt
 from pipeline.pretrain import health, ledger
 from pipeline.pretrain.launch import RayWorkerContext, WorkerContext
+from pipeline.pretrain.preemption import Preemption
 
 log = logging.getLogger(__name__)
 
@@ -156,26 +157,35 @@ class Trainer:
 
     def train(self) -> None:
         """Set up, resume, train to ``plan.stop_step`` (checkpointing on the way), export when done, report."""
-        cfg, plan = self.cfg, self.plan
+        plan = self.plan
         self.setup()
         self.resume()
         self.window = Window()
         self.run_start, self.run_start_step = time.perf_counter(), self.step
         self.engine.train()
         self.evaluate()  # resumed at an evaluation step whose evaluation never ran: run it now
-        while self.step < plan.stop_step:
-            loss, keys, epochs = self.train_step()
-            self.losses.add(loss)
-            if self.step % cfg.train.log_every == 0 or self.step == plan.stop_step:
-                self.log_progress(loss)
-            self.evaluate()
-            self.maybe_checkpoint()
-            if self.ledger is not None:
-                self.ledger.record(self.step, keys, epochs, loss)
-            faults.fire("after_step", step=self.step, rank=self.rank, run_dir=plan.run_dir)  # tests only: see faults.py
+        with Preemption() as preemption:  # SIGTERM: stop at the next step boundary (pipeline.pretrain.preemption)
+            while self.step < plan.stop_step and not preemption.agreed(self.device):
+                self.one_step()
+            preempted = self.step < plan.stop_step
+            if preempted and (self.last_good is None or not self.last_good.endswith(ckpt.step_dir_name(self.step))):
+                self.save_checkpoint()  # the step just done goes to storage before the process ends
         exported = self.step >= plan.total_steps
         export_uri = self.export() if exported else None
-        self.report(exported, export_uri)
+        self.report(exported, export_uri, preempted=preempted)
+
+    def one_step(self) -> None:
+        """A training step and what follows it: progress line, evaluation, checkpoint, ledger line."""
+        cfg, plan = self.cfg, self.plan
+        loss, keys, epochs = self.train_step()
+        self.losses.add(loss)
+        if self.step % cfg.train.log_every == 0 or self.step == plan.stop_step:
+            self.log_progress(loss)
+        self.evaluate()
+        self.maybe_checkpoint()
+        if self.ledger is not None:
+            self.ledger.record(self.step, keys, epochs, loss)
+        faults.fire("after_step", step=self.step, rank=self.rank, run_dir=plan.run_dir)  # tests only: see faults.py
 
     # -- set up and resume ---------------------------------------------------------------------------------
 
@@ -462,7 +472,7 @@ class Trainer:
         dist.barrier()
         return export_uri
 
-    def report(self, exported: bool, export_uri: str | None) -> None:
+    def report(self, exported: bool, export_uri: str | None, *, preempted: bool = False) -> None:
         """Close the MLflow logger and hand the launcher this attempt's results (``launch.WorkerContext.report``)."""
         plan, step = self.plan, self.step
         delivery = self.metric_logger.close(self.cfg.tracking.flush_timeout_s) if self.metric_logger else None
@@ -471,6 +481,7 @@ class Trainer:
             "step": step,
             "steps_this_attempt": step - self.run_start_step,
             "exported": exported,
+            "preempted": preempted,
             "export_uri": export_uri,
             **self.losses.summary(),
             "digest": self.digest,
