@@ -146,11 +146,8 @@ class TrainSection(Section):
     activation_checkpointing: bool = False
     seed: int = 0
     log_every: int = Field(default=50, ge=1, description="Steps between console lines and MLflow metrics.")
-    ledger: bool = Field(
-        default=False,
-        description="Write which samples each rank trained on at each step, per attempt, to <run>/ledger/ "
-        "(pipeline/ledger.py): an audit aid for short runs and the reliability tests.",
-    )
+    # An audit aid for short runs and the reliability tests (pipeline/pretrain/ledger.py).
+    ledger: bool = Field(False, description="Write which samples each rank trained on at each step, per attempt.")
     max_skipped_steps: int = Field(
         default=10,
         ge=0,

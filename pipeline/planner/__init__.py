@@ -15,16 +15,10 @@ The names callers use are re-exported here, so ``from pipeline import planner; p
 """
 
 from pipeline.planner.costs import (
-    DAY_S,
     DEFAULT_IMAGE_BYTES,
     DEFAULT_SHARD_BYTES,
     LOADER_IMAGES_PER_SEC_PER_CORE,
-    PAPER_TPUV3_CORE_DAYS,
-    DataRate,
-    PaperComparison,
-    TimeEstimate,
     comm_bytes_per_step,
-    comm_seconds,
     step_seconds,
 )
 from pipeline.planner.finetune import (
@@ -72,7 +66,6 @@ from pipeline.planner.memory import (
 from pipeline.planner.report import ScalePlan, format_plan, plan
 
 __all__ = [
-    "DAY_S",
     "DEFAULT_IMAGE_BYTES",
     "DEFAULT_NET_GBITS_PER_GPU",
     "DEFAULT_SHARD_BYTES",
@@ -81,29 +74,24 @@ __all__ = [
     "GIB",
     "GPUS",
     "LOADER_IMAGES_PER_SEC_PER_CORE",
-    "PAPER_TPUV3_CORE_DAYS",
     "TPUV3_CORE_PEAK_FLOPS",
     "ZERO_STAGES",
-    "DataRate",
     "DoesNotFitError",
     "FinetuneMemory",
     "GpuSpec",
     "MemoryEstimate",
     "ModelFacts",
     "ModelStateBytes",
-    "PaperComparison",
     "PlanError",
     "PlanRequest",
     "Precision",
     "PreflightResult",
     "Recommendation",
     "ScalePlan",
-    "TimeEstimate",
     "TransferMemoryPlan",
     "activation_bytes",
     "activation_bytes_per_layer",
     "comm_bytes_per_step",
-    "comm_seconds",
     "cpu_device",
     "detect_gpu",
     "estimate_finetune_memory",

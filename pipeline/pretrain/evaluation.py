@@ -318,20 +318,9 @@ def check_evaluation(cfg: PretrainConfig, plan: RunLayout) -> str | None:
             parts.append(f"{fewshot_set.name} few-shot {'+'.join(str(sizes[s]) for s in SPLITS[1:])} + shots")
     if problems:
         raise ConfigError(problems)
-    forward = vit_model.flops(
-        cfg.model.variant,
-        cfg.data.image_size,
-        num_classes=plan.num_classes,
-        pool=cfg.model.pool,
-        representation_size=plan.representation_size,
-    )
-    train = vit_model.train_flops_per_image(
-        cfg.model.variant,
-        cfg.data.image_size,
-        num_classes=plan.num_classes,
-        pool=cfg.model.pool,
-        representation_size=plan.representation_size,
-    )
+    shape = {"num_classes": plan.num_classes, "pool": cfg.model.pool, "representation_size": plan.representation_size}
+    forward = vit_model.flops(cfg.model.variant, cfg.data.image_size, **shape)
+    train = vit_model.train_flops_per_image(cfg.model.variant, cfg.data.image_size, **shape)
     evaluations = math.ceil(plan.total_steps / every)
     what = f"eval every {every} steps ({evaluations} in all): {', '.join(parts)}"
     if images is None:
