@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         except storage.UnsupportedURLError as exc:
             raise analysis.AnalysisError(str(exc)) from None
         source = analysis.check_model(args.model, variant=args.variant)
-        data = analysis.check_data(args.data)
+        data = analysis.check_images(args.data)
         if args.run_id:
             analysis.check_run(tracking_uri, args.run_id)
         started = time.monotonic()
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"analyze: {source.label}, {len(images)} images at {size} px from {data}", flush=True)
     result = analysis.analyze(vit, images, components=args.components, rollout_images=args.rollout_images)
     with tempfile.TemporaryDirectory() as tmp:
-        files = analysis.write_outputs(result, images, out, label=source.label, image_size=size, local_dir=Path(tmp))
+        files = analysis.write_figures(result, images, out, label=source.label, image_size=size, local_dir=Path(tmp))
         if args.run_id:
             analysis.log_artifacts(tracking_uri, args.run_id, files)
             print(f"analyze: logged {len(files)} files to MLflow run {args.run_id} under analysis/")

@@ -167,7 +167,7 @@ def loss_to_backward(loss: torch.Tensor, *, step: int, rank: int, run_dir: str) 
     return loss * math.inf
 
 
-def upload_dir(local_dir: Path, url: str, *, step: int, rank: int, run_dir: str) -> list[str]:
+def upload_dir_unless_faulted(local_dir: Path, url: str, *, step: int, rank: int, run_dir: str) -> list[str]:
     """``storage.upload_dir``, unless a ``mid_upload`` fault is due here: then half an upload, and the fault."""
     fault = _due("mid_upload", step, rank, run_dir)
     if fault is None:

@@ -119,3 +119,13 @@ def test_no_module_in_pipeline_is_over_the_size_a_reader_can_hold():
         if (n := len(p.read_text().splitlines())) > 520
     }
     assert not too_long, f"split these modules (lines): {too_long}"
+
+
+def test_no_two_public_functions_or_classes_in_pipeline_share_a_name():
+    owners: dict[str, list[str]] = {}
+    for path in sorted(ROOT.glob("pipeline/**/*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef | ast.ClassDef) and not node.name.startswith("_"):
+                owners.setdefault(node.name, []).append(str(path.relative_to(ROOT)))
+    shared = {name: paths for name, paths in owners.items() if len(paths) > 1}
+    assert not shared, f"one name, several meanings: {shared}"

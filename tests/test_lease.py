@@ -63,7 +63,7 @@ def test_a_second_job_is_refused_naming_the_holder_and_a_dead_jobs_lease_is_take
     finally:
         holder.send_signal(signal.SIGKILL)  # dies without releasing: the lease stays until it expires
         holder.wait()
-    assert lease.read(f"{plan_dir}/{lease.LEASE_FILE}")["owner"] == "holder-job"
+    assert lease.read_lease(f"{plan_dir}/{lease.LEASE_FILE}")["owner"] == "holder-job"
     started = time.monotonic()
     while True:
         try:
@@ -74,11 +74,11 @@ def test_a_second_job_is_refused_naming_the_holder_and_a_dead_jobs_lease_is_take
             time.sleep(0.5)
     waited = time.monotonic() - started
     try:
-        assert lease.read(mine.url)["owner"] == mine.owner
+        assert lease.read_lease(mine.url)["owner"] == mine.owner
         assert waited <= 6 + 2, waited
     finally:
         mine.release()
-    assert lease.read(mine.url) is None
+    assert lease.read_lease(mine.url) is None
     print(f"taken over {waited:.1f}s after the holder was killed (ttl 6 s)")
 
 
@@ -113,6 +113,6 @@ def test_the_same_process_starting_the_run_again_takes_its_own_lease_back(tmp_pa
     run_dir = (tmp_path / "runs" / "again").as_uri()
     first = lease.acquire(run_dir, ttl_s=60, run_name="again")
     second = lease.acquire(run_dir, ttl_s=60, run_name="again")  # first was never released
-    assert second.owner == first.owner and lease.read(second.url)["owner"] == first.owner
+    assert second.owner == first.owner and lease.read_lease(second.url)["owner"] == first.owner
     second.release()
-    assert lease.read(second.url) is None
+    assert lease.read_lease(second.url) is None

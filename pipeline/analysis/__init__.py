@@ -1,8 +1,8 @@
 """Inspect a trained ViT as the paper's section 4.5 does: embedding filters, position embeddings, attention
 distance and attention rollout, drawn as PNGs (see `measures` for the quantities, `figures` for the plots).
 
-`check_model` and `check_data` are the cheap checks a job runs before any work (a few small reads);
-`load_model`, `read_images`, `analyze` and `write_outputs` then do the work.
+`check_model` and `check_images` are the cheap checks a job runs before any work (a few small reads);
+`load_model`, `read_images`, `analyze` and `write_figures` then do the work.
 
 Models: a pipeline export directory (jobs/pretrain.py), an official JAX ``.npz`` (google-research/vision_transformer
 or big_vision layout) or a timm / PyTorch checkpoint (``.pth``, ``.pt``, ``.bin``, ``.safetensors``); the last two
@@ -95,7 +95,7 @@ def check_model(model: str, *, variant: str | None = None) -> ModelSource:
     return ModelSource("torch", url, variant, f"ViT-{variant} ({name})")
 
 
-def check_data(url: str) -> str:
+def check_images(url: str) -> str:
     """``url`` back, once its manifest (or the first shard of a pattern) was found."""
     try:
         loader = build_eval_loader(url, image_size=1, batch_size=1)
@@ -221,7 +221,7 @@ def analyze(
     )
 
 
-def write_outputs(
+def write_figures(
     result: Analysis, images: torch.Tensor, out_url: str, *, label: str, image_size: int, local_dir: Path
 ) -> dict[str, Path]:
     """Draw the figures into ``local_dir``, upload them (and analysis.json) to ``out_url``; the local files."""

@@ -196,7 +196,7 @@ def save(
         local.mkdir(parents=True, exist_ok=True)
         torch.save(rank_state, local / RANK_FILE.format(rank=rank))
         # storage.upload_dir, unless the tests' VITPIPE_FAULTS asks for an upload that fails halfway
-        files = faults.upload_dir(local, url, step=step, rank=rank, run_dir=run_dir)
+        files = faults.upload_dir_unless_faulted(local, url, step=step, rank=rank, run_dir=run_dir)
     uploaded = [None] * dist.get_world_size() if dist.is_initialized() else [files]
     if dist.is_initialized():
         dist.all_gather_object(uploaded, files)  # also the barrier before the marker

@@ -47,7 +47,7 @@ def is_due(step: int, every_steps: int, total_steps: int) -> bool:
     return every_steps > 0 and step > 0 and (step % every_steps == 0 or step == total_steps)
 
 
-def record_url(run_dir: str, step: int) -> str:
+def eval_record_url(run_dir: str, step: int) -> str:
     return storage.join(run_dir, EVAL_DIR, f"step_{step:08d}.json")
 
 
@@ -121,7 +121,7 @@ class Evaluator:
         """Evaluate when ``step`` is an evaluation step that has no record yet; returns the seconds it took."""
         if not is_due(step, self.cfg.eval.every_steps, self.plan.total_steps):
             return 0.0
-        url = record_url(self.plan.run_dir, step)
+        url = eval_record_url(self.plan.run_dir, step)
         done = torch.tensor([1.0 if self.rank == 0 and storage.exists(url) else 0.0], device=self.device)
         dist.broadcast(done, src=0)  # one decision for all ranks: they must all evaluate, or none
         if done.item():

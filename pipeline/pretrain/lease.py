@@ -94,7 +94,7 @@ class Lease:
 
     def renew(self) -> None:
         """Push the expiry out by ``ttl_s``; LeaseLostError if another job holds the lease now."""
-        current = read(self.url)
+        current = read_lease(self.url)
         if current is None or current.get("owner") != self.owner:
             holder = current.get("owner") if current else "nobody (it was deleted)"
             raise LeaseLostError(f"the lease {self.url} is now held by {holder}, not {self.owner}")
@@ -122,14 +122,14 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
-            current = read(self.url)
+            current = read_lease(self.url)
             if current is not None and current.get("owner") == self.owner:
                 storage.remove(self.url)
         except Exception as exc:
             log.warning("could not remove the lease %s (%s): it expires in at most %.0f s", self.url, exc, self.ttl_s)
 
 
-def read(url: str) -> dict[str, Any] | None:
+def read_lease(url: str) -> dict[str, Any] | None:
     try:
         return storage.read_json(url)
     except FileNotFoundError:
@@ -146,7 +146,7 @@ def acquire(run_dir: str, *, ttl_s: float, run_name: str, owner: str | None = No
     owner = owner or f"{socket.gethostname()}:{os.getpid()}"
     lease = Lease(url, owner, ttl_s)
     for _ in range(3):
-        current = read(url)
+        current = read_lease(url)
         if current is not None and current.get("owner") == owner:
             storage.write_json(url, lease._record())
             return lease
@@ -162,10 +162,10 @@ def acquire(run_dir: str, *, ttl_s: float, run_name: str, owner: str | None = No
             storage.remove(url)
         if _create_new(url, json.dumps(lease._record()).encode()):
             time.sleep(SETTLE_S)
-            holder = read(url)
+            holder = read_lease(url)
             if holder is not None and holder.get("owner") == owner:
                 return lease
-    current = read(url) or {}
+    current = read_lease(url) or {}
     raise LeaseHeldError(
         f"run.name={run_name}: another job ({current.get('owner')}) took the lease {url} at the same time; "
         "choose another run.name or try again"
