@@ -122,17 +122,23 @@ class LocalWorkerContext:
     device: torch.device
     result: dict[str, Any] = field(default_factory=dict)
     pointer: dict[str, Any] | None = None
+    saved_env: dict[str, str | None] = field(default_factory=dict)  # what start() replaced, put back by close()
 
     @classmethod
     def start(cls, on_gpu: bool, collective_timeout_s: float = 600.0) -> LocalWorkerContext:
         """Join the local world; a collective that waits longer than ``collective_timeout_s`` for a peer (dead or
         partitioned) raises instead of hanging (``scale.collective_timeout_s``)."""
         world = LocalWorld.from_env()
+        saved_env: dict[str, str | None] = {}
         if world.world_size == 1:
             # A plain process: the rendezvous torchrun would have set up, on loopback. DeepSpeed reads these too.
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            # They are put back on close: a process that trains in-process twice (or starts a subprocess after)
+            # must not inherit a port whose store may still be listening.
+            own = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+            own["MASTER_ADDR"] = os.environ.get("MASTER_ADDR", "127.0.0.1")
+            own["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(_free_port())
+            saved_env = {name: os.environ.get(name) for name in own}
+            os.environ.update(own)
         if on_gpu:
             device = torch.device("cuda", world.local_rank)
             torch.cuda.set_device(device)
@@ -146,7 +152,7 @@ class LocalWorkerContext:
                 init_method="env://",
                 timeout=datetime.timedelta(seconds=collective_timeout_s),
             )
-        return cls(world.rank, world.world_size, device)
+        return cls(world.rank, world.world_size, device, saved_env=saved_env)
 
     def report(self, metrics: dict[str, Any], pointer: dict[str, Any] | None) -> None:
         self.result, self.pointer = dict(metrics), pointer
@@ -154,6 +160,11 @@ class LocalWorkerContext:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+        for name, value in self.saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager
