@@ -5,7 +5,7 @@ import statistics
 import numpy as np
 import pytest
 
-from pipeline.transfer.fewshot import (
+from pipeline.linear_probe import (
     DEFAULT_L2,
     DEFAULT_L2_GRID,
     drawn_features,

@@ -21,7 +21,8 @@ from pipeline.config.transfer import build_config
 from pipeline.data import build_eval_loader
 from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.export import save_exported_model
-from pipeline.transfer.fewshot import extract_features, fewshot_eval
+from pipeline.linear_probe import fewshot_eval
+from pipeline.transfer.fewshot import extract_features
 from pipeline.transfer.finetune import predict
 from pipeline.transfer.orchestrate import execute
 from pipeline.transfer.source import build_model

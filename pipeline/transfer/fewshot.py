@@ -4,7 +4,7 @@ For k shots, k training images per class are drawn and a ridge regression maps t
 targets in closed form. Nothing is trained by gradient descent, so it is cheap enough to run on every benchmark
 next to fine-tuning; and only the drawn training images are embedded (`drawn_features`), not the whole training
 split. The arithmetic and its choices (big_vision's ``evaluators/fewshot_lsr.py``, the regulariser picked on
-minival) are in ``pipeline.linear_probe``, which pretraining's evaluation uses too; its names are re-exported here.
+minival) are in ``pipeline.linear_probe``, which pretraining's evaluation uses too; import them from there.
 
 ``run_fewshot`` is the run a sweep submits (one per benchmark and init): it embeds the drawn shots and the
 evaluation splits with the pretrained model and reports ``fewshot_metrics``.
@@ -18,20 +18,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from pipeline.linear_probe import (  # noqa: F401 (re-exported: the few-shot names callers know from here)
-    DEFAULT_L2,
-    DEFAULT_L2_GRID,
-    FewShotResult,
-    LinearProbe,
-    accuracy,
-    drawn_features,
-    fewshot_eval,
-    fewshot_metrics,
-    fit_lsr,
-    sample_shots,
-    shot_draws,
-    signed_one_hot,
-)
+from pipeline.linear_probe import drawn_features, fewshot_eval, fewshot_metrics
 from pipeline.transfer.finetune import MetricSink, RunSpec, device_for
 from pipeline.transfer.source import build_model
 
