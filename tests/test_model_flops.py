@@ -37,31 +37,16 @@ CASES = [
 
 
 @pytest.mark.parametrize(("variant", "img_size", "pool", "representation", "classes"), CASES)
-def test_analytic_flops_equal_pytorchs_count_of_the_full_forward_pass(variant, img_size, pool, representation, classes):
-    model = create_vit(
-        variant, num_classes=classes, img_size=img_size, pool=pool, representation_size=representation
-    ).eval()
+def test_analytic_flops_equal_pytorchs_count_of_the_full_and_the_executed_forward_pass(
+    variant, img_size, pool, representation, classes
+):
+    shape = {"num_classes": classes, "pool": pool, "representation_size": representation}
+    model = create_vit(variant, img_size=img_size, **shape).eval()
     x = torch.randn(2, 3, img_size, img_size)
-    counted = _counted_flops(lambda images: model.forward_head(model.forward_features(images)), x)
-    assert counted == flops(variant, img_size, num_classes=classes, pool=pool, representation_size=representation)
-
-
-@pytest.mark.parametrize(("variant", "img_size", "pool", "representation", "classes"), CASES)
-def test_executed_flops_equal_pytorchs_count_of_forward(variant, img_size, pool, representation, classes):
-    model = create_vit(
-        variant, num_classes=classes, img_size=img_size, pool=pool, representation_size=representation
-    ).eval()
-    x = torch.randn(2, 3, img_size, img_size)
-    executed = flops(
-        variant,
-        img_size,
-        num_classes=classes,
-        pool=pool,
-        representation_size=representation,
-        cls_only_last_block=True,
-    )
+    full = flops(variant, img_size, **shape)
+    executed = flops(variant, img_size, **shape, cls_only_last_block=True)
+    assert _counted_flops(lambda images: model.forward_head(model.forward_features(images)), x) == full
     assert _counted_flops(model, x) == executed
-    full = flops(variant, img_size, num_classes=classes, pool=pool, representation_size=representation)
     if pool == "token":
         assert executed < full  # the class-token shortcut saves most of one block's work
     else:
