@@ -123,11 +123,17 @@ def test_a_marker_listing_a_file_outside_its_checkpoint_is_refused_before_any_ra
     assert not list((tmp_path / "tmp").iterdir())  # nothing was downloaded at all
 
 
-def test_compatibility_check_names_what_differs() -> None:
-    ref = ckpt.CheckpointRef(url="file:///x/step_00000010", step=10, info={"world_size": 4, "zero_stage": 2})
-    assert ckpt.check_compatible(ref, {"world_size": 4, "zero_stage": 2, "variant": "B/16"}) == []
-    problems = ckpt.check_compatible(ref, {"world_size": 2, "zero_stage": 3})
-    assert problems == ["world_size: checkpoint 4, this run 2", "zero_stage: checkpoint 2, this run 3"]
+def test_compatibility_check_names_what_differs_and_lets_the_number_of_workers_change_under_zero() -> None:
+    info = {"world_size": 4, "zero_stage": 2, "global_batch": 64, "micro_batch": 8}
+    ref = ckpt.CheckpointRef(url="file:///x/step_00000010", step=10, info=info)
+    assert ckpt.check_compatible(ref, {**info, "variant": "B/16"}) == []
+    # elastic resume: another number of workers (and so another micro-batch) under ZeRO
+    assert ckpt.check_compatible(ref, {**info, "world_size": 2, "micro_batch": 16}) == []
+    problems = ckpt.check_compatible(ref, {"world_size": 2, "zero_stage": 3, "global_batch": 32})
+    assert problems == ["zero_stage: checkpoint 2, this run 3", "global_batch: checkpoint 64, this run 32"]
+    no_zero = ckpt.CheckpointRef(url="file:///x/step_00000010", step=10, info={**info, "zero_stage": 0})
+    [problem] = ckpt.check_compatible(no_zero, {**info, "zero_stage": 0, "world_size": 2})
+    assert problem.startswith("world_size: checkpoint 4, this run 2") and "train.zero_stage 1, 2 or 3" in problem
 
 
 def test_rng_state_survives_a_weights_only_round_trip(tmp_path: Path) -> None:

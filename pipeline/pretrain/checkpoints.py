@@ -12,10 +12,17 @@ Saving: DeepSpeed writes local paths only, so each rank saves into its own tempo
 exactly the files it wrote (nothing of another rank's); after a barrier rank 0 writes the marker and deletes
 old checkpoints. Loading: a checkpoint without a marker is skipped (and logged); one with a marker that does
 not load is an error -- training never silently starts over.
+
+Elastic resume: a checkpoint written by N workers resumes on M != N (ZeRO-1/2/3). Each new rank then fetches rank
+0's model-states file, every rank's optimizer partition and every rank's state file (together the whole optimizer
+state, 12 bytes per parameter in fp32, plus a few kB per old rank), rebuilds the full fp32 master weights and Adam
+moments and keeps its own partition of them (``pipeline.pretrain.reshard``); the data loader gets every old rank's
+position and takes its share of the work left in the epochs in progress (``pipeline.data.loader``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import re
@@ -35,9 +42,9 @@ log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 RANK_FILE = "rank_{rank:05d}.pt"
-# Marker fields that must match for a checkpoint to be resumable by a run (ZeRO partitions and data-loader
-# positions are per rank, so the world size cannot change; the rest changes the shapes or the schedule).
-RESUME_KEYS = ("world_size", "zero_stage", "variant", "image_size", "num_classes", "global_batch", "micro_batch")
+# Marker fields that must match for a checkpoint to be resumable by a run: they change the shapes, the optimizer's
+# layout or the schedule. The world size and the micro-batch may change (elastic resume, see the module docstring).
+RESUME_KEYS = ("zero_stage", "variant", "image_size", "num_classes", "global_batch")
 
 
 class CheckpointError(RuntimeError):
@@ -116,6 +123,12 @@ def check_compatible(ref: CheckpointRef, expected: dict[str, Any]) -> list[str]:
     for key in RESUME_KEYS:
         if key in ref.info and key in expected and ref.info[key] != expected[key]:
             problems.append(f"{key}: checkpoint {ref.info[key]!r}, this run {expected[key]!r}")
+    old_world, world = ref.info.get("world_size"), expected.get("world_size")
+    if old_world is not None and world is not None and old_world != world and expected.get("zero_stage") == 0:
+        problems.append(
+            f"world_size: checkpoint {old_world!r}, this run {world!r} (a change of the number of workers reshards "
+            "ZeRO partitions: it needs train.zero_stage 1, 2 or 3)"
+        )
     return problems
 
 
@@ -237,7 +250,12 @@ def _files_for_rank(files: list[str], rank: int) -> list[str]:
 
 
 def load(engine: Any, ref: CheckpointRef, *, rank: int) -> dict[str, Any]:
-    """Load model, optimizer, LR schedule and step into ``engine``; returns this rank's saved state."""
+    """Load model, optimizer, LR schedule and step into ``engine``; returns this rank's saved state. A checkpoint of
+    another world size is resharded (``load_resharded``)."""
+    old_world = ref.info.get("world_size")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if old_world is not None and old_world != world:
+        return load_resharded(engine, ref, rank=rank, world=world)
     tag = ref.url.rstrip("/").rsplit("/", 1)[-1]
     needed = _files_for_rank(marker_files(ref.url, ref.info), rank)
     if RANK_FILE.format(rank=rank) not in needed:
@@ -276,6 +294,88 @@ def load(engine: Any, ref: CheckpointRef, *, rank: int) -> dict[str, Any]:
     if state.get("step") != ref.step:
         raise CheckpointError(f"{ref.url}: rank {rank} state is for step {state.get('step')}, expected {ref.step}")
     return state
+
+
+# A ZeRO optimizer partition, fp32 or bf16 name: (rank, file name).
+OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+MODEL_STATES_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO-1/2, ZeRO-3
+
+
+def files_for_resharding(files: list[str], old_world: int) -> tuple[str, list[str], list[str]]:
+    """What every rank fetches to resume a checkpoint of ``old_world`` ranks on another world size: rank 0's
+    model-states file (schedule, step counters, parameter shapes), every rank's optimizer partition (in rank order)
+    and every rank's state file (in rank order)."""
+    model_states = next((name for name in MODEL_STATES_FILES if name in files), None)
+    optim = {int(m.group(1)): name for name in files if (m := OPTIM_FILE.match(name))}
+    rank_files = [RANK_FILE.format(rank=r) for r in range(old_world)]
+    missing = [RANK_FILE.format(rank=r) for r in range(old_world) if RANK_FILE.format(rank=r) not in files]
+    if model_states is None or sorted(optim) != list(range(old_world)) or missing:
+        raise CheckpointError(
+            f"a checkpoint of {old_world} workers needs a model-states file and, for each of its ranks, a ZeRO "
+            f"optimizer partition and a rank state to be resumed on another number of workers; its marker lists "
+            f"{sorted(files)}"
+        )
+    return model_states, [optim[r] for r in range(old_world)], rank_files
+
+
+def resharded_rng(old_digests: list[str], step: int, rank: int) -> dict[str, Any]:
+    """RNG states for a rank of the new world: seeded from the old ranks' sample digests, the step and the rank, so
+    a resumed run is reproducible and no two ranks share dropout masks."""
+    seed_text = f"{step}:{rank}:" + ",".join(old_digests)
+    seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "little")
+    before = capture_rng()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    state = capture_rng()
+    restore_rng(before)
+    return state
+
+
+def load_resharded(engine: Any, ref: CheckpointRef, *, rank: int, world: int) -> dict[str, Any]:
+    """Resume a checkpoint written by another number of workers (ZeRO-1/2/3): every rank rebuilds the full fp32
+    master weights and Adam moments from all saved partitions and keeps its own partition of them
+    (``pipeline.pretrain.reshard``). The returned state holds the step, a digest and RNG state for this rank, and
+    under "loader" the list of every old rank's loader state (the loader redistributes the remaining work)."""
+    from pipeline.pretrain import reshard
+
+    old_world = int(ref.info["world_size"])
+    model_states_name, optim_names, rank_names = files_for_resharding(marker_files(ref.url, ref.info), old_world)
+    with tempfile.TemporaryDirectory(prefix=f"vitpipe-reshard-rank{rank}-") as tmp:
+        local = Path(tmp)
+        try:
+            for name in [model_states_name, *optim_names, *rank_names]:
+                storage.get_file(storage.join(ref.url, name), local / name)
+        except (OSError, storage.StorageError) as exc:
+            raise CheckpointError(f"checkpoint {ref.url} is marked complete but {exc}") from exc
+        try:
+            model_states = reshard.load_deepspeed_file(local / model_states_name)
+            full = reshard.full_optimizer_state(
+                model_states, [reshard.load_deepspeed_file(local / name) for name in optim_names]
+            )
+            reshard.load_into_engine(engine, full, model_states)
+            old_states = [torch.load(local / name, map_location="cpu", weights_only=True) for name in rank_names]
+        except Exception as exc:
+            raise CheckpointError(
+                f"{exc}\nrank {rank} cannot reshard checkpoint {ref.url} (written by {old_world} workers) onto "
+                f"{world} workers, although it is marked complete: resume with scale.workers={old_world}, or fix or "
+                "delete that directory to resume from the one before it"
+            ) from exc
+    wrong = [r for r, state in enumerate(old_states) if state.get("step") != ref.step]
+    if wrong:
+        raise CheckpointError(f"{ref.url}: the states of ranks {wrong} are not of step {ref.step}")
+    digests = [str(state.get("digest", "")) for state in old_states]
+    if rank == 0:
+        log.info("resharded checkpoint %s from %d to %d workers", ref.url, old_world, world)
+    return {
+        "step": ref.step,
+        "digest": hashlib.sha256(
+            f"resharded {old_world}->{world} rank {rank}:{','.join(digests)}".encode()
+        ).hexdigest(),
+        "loader": [state.get("loader") for state in old_states],
+        "rng": resharded_rng(digests, ref.step, rank),
+        "resharded_from": old_world,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
