@@ -39,9 +39,13 @@ demo: $(STAMP)
 	$(PY) -c 'from pipeline.config.paths import link_home_runs; print(link_home_runs())'
 	$(PY) jobs/demo.py
 
+# Two test processes, one test file each at a time: most tests wait on Ray, subprocesses and storage rather than
+# compute, so two files run side by side even on a 2-core machine. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) $(INFRA_STAMP)
 	$(VENV)/bin/ruff check .
-	CHECKOV=$(abspath $(INFRA_VENV))/bin/checkov $(PY) -m pytest -q tests
+	CHECKOV=$(abspath $(INFRA_VENV))/bin/checkov $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
