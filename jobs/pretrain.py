@@ -16,6 +16,10 @@ On a cluster:
     ray job submit --address http://<head>:8265 --working-dir . -- python jobs/pretrain.py \\
         --config vit_h14_jft --set data.train=gs://<bucket>/jft/train.manifest.json --set run.root=gs://<bucket>/runs
 
+SIGTERM to this job (`ray job stop`, a preempted node) or to one of its workers makes the run checkpoint at its next
+step boundary, close its MLflow run KILLED and exit 75; this job waits at most --stop-grace-s for the workers (under
+`ray job stop`, give the job that long: RAY_JOB_STOP_WAIT_TIME_S in its runtime env, default 3 s).
+
 Starting a run again with the same run name (default: the preset's name) resumes it from its latest complete
 checkpoint. Exit codes: 0 done (or stopped at train.stop_at_step), 2 configuration error (nothing started),
 1 training failed.
@@ -28,12 +32,16 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import ConfigError, load_config
 from pipeline.config.cli import add_config_arguments, refuse
 from pipeline.config.presets import DEFAULT_PRESET, PRESETS
+
+if TYPE_CHECKING:
+    from pipeline.pretrain.preemption import DriverStop
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,12 +53,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default_preset=DEFAULT_PRESET,
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument(
+        "--stop-grace-s",
+        type=_positive_seconds,
+        default=120.0,
+        help="after a SIGTERM, how long to wait for the workers to checkpoint and stop (default 120)",
+    )
     return parser.parse_args(argv)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--stop-grace-s must be a number of seconds > 0, not {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    from pipeline.pretrain.preemption import DriverStop
+
+    # From here on SIGTERM stops the run cleanly (pipeline.pretrain.preemption), whenever it comes.
+    with DriverStop(args.stop_grace_s) as stop:
+        return pretrain_job(args, stop)
+
+
+def _preempted(why: str) -> int:
+    from pipeline.pretrain.preemption import EXIT_PREEMPTED
+
+    print(
+        f"pretrain: preempted (SIGTERM): {why}; submit the same command again to resume from the latest complete "
+        "checkpoint",
+        flush=True,
+    )
+    return EXIT_PREEMPTED
+
+
+def pretrain_job(args: argparse.Namespace, stop: DriverStop) -> int:
     # parse -> validate: every configuration problem is reported here, before Ray starts.
     try:
         cfg = load_config(args.config, args.sets)
@@ -68,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         f"ZeRO-{cfg.train.zero_stage}, {'bf16' if plan.bf16 else 'fp32'}; storage {plan.run_dir}",
         flush=True,
     )
+    if stop.requested:
+        return _preempted("it came during the pre-flight, nothing was started")
     # build -> run -> close: Ray is shut down on success and on failure. The local launcher needs no Ray at all.
     on_ray = cfg.scale.launcher == "ray"
     try:
@@ -75,9 +120,14 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.cluster import connect_ray
 
             connect_ray(args.address)
+            stop.install()  # ray.init put its own SIGTERM handler in place
         result = pretrain.run(cfg, plan)
     except ConfigError as exc:  # what only the connected cluster can tell (e.g. a local run.root on several nodes)
         return refuse("pretrain", exc)
+    except KeyboardInterrupt:  # pipeline.pretrain.preemption.Preempted, passed on by Ray as a plain one
+        if not stop.requested:
+            raise
+        return _preempted(f"{stop.why}; the MLflow run was closed KILLED")
     except pretrain.LossNotFiniteError as exc:
         print(f"pretrain: stopped: {exc}", file=sys.stderr)
         return 1
@@ -93,14 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.status == "already-complete":
         print(f"pretrain: run {plan.run_name} was already complete; export: {result.export_uri}")
     elif result.status == "preempted":
-        from pipeline.pretrain.preemption import EXIT_PREEMPTED
-
-        print(
-            f"pretrain: preempted (SIGTERM): checkpointed step {result.step} of {plan.total_steps} and stopped; "
-            "submit the same command again to resume",
-            flush=True,
-        )
-        return EXIT_PREEMPTED
+        return _preempted(f"checkpointed step {result.step} of {plan.total_steps} and stopped")
     elif result.status == "stopped":
         print(
             f"pretrain: stopped at step {result.step} of {plan.total_steps} (train.stop_at_step); run again "

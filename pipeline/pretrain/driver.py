@@ -33,6 +33,7 @@ from pipeline.config import ConfigError, PretrainConfig, RunLayout, check_durabl
 from pipeline.pretrain import checkpoints as ckpt
 from pipeline.pretrain.evaluation import check_evaluation
 from pipeline.pretrain.launch import check_local_world, local_worker
+from pipeline.pretrain.preemption import begin_run, run_ending
 from pipeline.pretrain.trainer import DIVERGED_MARKER, LossNotFiniteError, Trainer, checkpoint_info, train_worker
 
 if TYPE_CHECKING:
@@ -213,6 +214,7 @@ def run(cfg: PretrainConfig, plan: RunLayout, fit: Callable[[str | None], dict[s
 
     status = "FAILED"
     try:
+        begin_run(plan.run_dir)  # a SIGTERM to this driver from now on asks the workers to stop
         metrics = fit(run_id) if fit is not None else _fit_on_ray(cfg, plan, run_id)
         status = "FINISHED" if metrics.get("exported") else "KILLED"
         return run_result(metrics, run_id)
@@ -225,6 +227,7 @@ def run(cfg: PretrainConfig, plan: RunLayout, fit: Callable[[str | None], dict[s
                 raise LossNotFiniteError(storage.read_json(diverged)["message"]) from exc
         raise
     finally:
+        status = run_ending(status)  # KILLED, not FAILED, after a SIGTERM
         if cfg.tracking.enabled:
             tracking.close_run(cfg.tracking.uri, run_id, status)
         if lease is not None:

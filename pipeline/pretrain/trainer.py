@@ -31,7 +31,7 @@ from pipeline.config import PretrainConfig, RunLayout
 from pipeline.pretrain import checkpoints as ckpt
 from pipeline.pretrain import health, ledger
 from pipeline.pretrain.launch import RayWorkerContext, WorkerContext
-from pipeline.pretrain.preemption import Preemption
+from pipeline.pretrain.preemption import Preemption, stop_marker_url
 
 log = logging.getLogger(__name__)
 
@@ -158,20 +158,24 @@ class Trainer:
     def train(self) -> None:
         """Set up, resume, train to ``plan.stop_step`` (checkpointing on the way), export when done, report."""
         plan = self.plan
-        self.setup()
-        self.resume()
-        self.window = Window()
-        self.run_start, self.run_start_step = time.perf_counter(), self.step
-        self.engine.train()
-        self.evaluate()  # resumed at an evaluation step whose evaluation never ran: run it now
-        with Preemption() as preemption:  # SIGTERM: stop at the next step boundary (pipeline.pretrain.preemption)
+        # From set-up to export, SIGTERM to this worker, or the driver's stop request (rank 0 looks for it), stops the
+        # run at the next step boundary with a checkpoint (pipeline.pretrain.preemption).
+        stop_marker = stop_marker_url(plan.run_dir) if self.context.rank == 0 else None
+        with Preemption(stop_marker) as preemption:
+            self.setup()
+            self.resume()
+            self.window = Window()
+            self.run_start, self.run_start_step = time.perf_counter(), self.step
+            self.engine.train()
+            self.evaluate()  # resumed at an evaluation step whose evaluation never ran: run it now
             while self.step < plan.stop_step and not preemption.agreed(self.device):
                 self.one_step()
             preempted = self.step < plan.stop_step
-            if preempted and (self.last_good is None or not self.last_good.endswith(ckpt.step_dir_name(self.step))):
+            done = self.last_good is not None and self.last_good.endswith(ckpt.step_dir_name(self.step))
+            if preempted and self.step > 0 and not done:
                 self.save_checkpoint()  # the step just done goes to storage before the process ends
-        exported = self.step >= plan.total_steps
-        export_uri = self.export() if exported else None
+            exported = self.step >= plan.total_steps
+            export_uri = self.export() if exported else None
         self.report(exported, export_uri, preempted=preempted)
 
     def one_step(self) -> None:
