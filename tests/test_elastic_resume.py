@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+from pipeline.data import DataConfig, build_train_loader
+from tests.test_data_loader import write_set
 
 
 def _free_port() -> int:
@@ -155,6 +156,7 @@ def _assert_equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resharding_restores_the_fp32_master_weights_and_adam_moments_exactly(stage: int, tmp_path: Path) -> None:
     """2 ranks train 2 steps and checkpoint; 1 rank resumes that checkpoint (2 -> 1), trains a step and checkpoints;
@@ -181,3 +183,57 @@ def test_resharding_restores_the_fp32_master_weights_and_adam_moments_exactly(st
         assert two_again[rank]["fetched"] == sorted([model_states, optim.format(0), "rank_00000.pt"])
         assert two_again[rank]["loader_states"] == [{"rank": 0, "of": 1}]
     assert ckpt.latest_complete(checkpoint_dir).info["world_size"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the data position across a change of world size (real shards of real JPEGs, no training)
+
+
+def _take(loader, count: int) -> list:
+    batches = loader.batches()
+    return [next(batches) for _ in range(count)]
+
+
+def _seen(batches: list) -> dict[tuple[str, int], list[torch.Tensor]]:
+    """(key, epoch) -> the images the batches hold for it (more than one: read more than once)."""
+    seen: dict[tuple[str, int], list[torch.Tensor]] = {}
+    for batch in batches:
+        for key, epoch, image in zip(batch.keys, batch.epochs, batch.images, strict=True):
+            seen.setdefault((key, epoch), []).append(image)
+    return seen
+
+
+@pytest.mark.parametrize("old_workers", [0, 2])
+def test_a_new_world_size_reads_the_rest_of_the_epoch_once_with_the_same_order_and_draws(
+    old_workers: int, tmp_path: Path
+) -> None:
+    """2 ranks (1 or 2 streams each) stop mid-shard; 1 rank takes over, reads a batch of the catch-up, and 3 ranks
+    take over from it (a second change during the catch-up). Over the three worlds every sample of epoch 0 is read
+    exactly once, and each with the very pixels (same shuffle, same augmentation draws) that the unchanged 2-rank
+    world gives it; afterwards the new world goes on with the next epochs, repeating nothing."""
+    url = tmp_path.as_uri()
+    keys = write_set(url, shards=6, per_shard=7)
+    old = DataConfig(train=f"{url}/train.manifest.json", image_size=8, workers=old_workers, shuffle_buffer=4, seed=3)
+    new = old.model_copy(update={"workers": 0})
+    reference = [_take(build_train_loader(old, batch_size=3, rank=r, world_size=2), 10) for r in range(2)]
+    reference_images = _seen(reference[0] + reference[1])
+
+    two = [build_train_loader(old, batch_size=3, rank=r, world_size=2) for r in range(2)]
+    before = _take(two[0], 3) + _take(two[1], 5)  # stopped inside shards: positions (0, 1, 2) and (0, 2, 1)
+    one = build_train_loader(new, batch_size=6, rank=0, world_size=1, state=[two[0].state_dict(), two[1].state_dict()])
+    during = _take(one, 1)
+    assert one.state_dict()["pending"][0], "the change must come in the middle of the catch-up"
+    three = [build_train_loader(new, batch_size=2, rank=r, world_size=3, state=[one.state_dict()]) for r in range(3)]
+    after = [batch for loader in three for batch in _take(loader, 8)]
+
+    seen = _seen(before + during + after)
+    epoch0 = {key: images for (key, epoch), images in seen.items() if epoch == 0}
+    assert sorted(epoch0) == sorted(keys)  # none lost
+    assert all(len(images) == 1 for images in epoch0.values())  # none repeated
+    for key, [image] in epoch0.items():
+        assert torch.equal(image, reference_images[(key, 0)][0]), key
+    assert all(len(images) == 1 for images in seen.values())  # the new world's epochs 1 and 2 repeat nothing either
+    assert {0, 1} <= {epoch for _, epoch in seen} <= {0, 1, 2}
+    # The run's counts move over with the position: the new ranks' sum is every sample read in the three worlds.
+    read = sum(len(batch.keys) for batch in before + during + after)
+    assert sum(loader.stats()["samples"] for loader in three) == read

@@ -37,6 +37,9 @@ class Batch:
     stream: int
     position: tuple[int, int, int]
     bad_by_shard: dict[str, int] = field(default_factory=dict)
+    # Work items the stream still has to read before its position (after a change of world size; see
+    # pipeline.data.loader): [epoch, shard index, samples taken, rank, stream, shard position of the RNG key].
+    pending: list[list[int]] = field(default_factory=list)
 
 
 def missing_samples(url: str, read: int, expected: dict[str, int] | None) -> tuple[int, str]:
@@ -164,7 +167,7 @@ class BatchBuilder:
         """Whether there is anything to hand out: samples of a last, short batch or bad-sample counts."""
         return bool(self.images or self.bad)
 
-    def take(self, position: tuple[int, int, int] = (0, 0, 0)) -> Batch:
+    def take(self, position: tuple[int, int, int] = (0, 0, 0), pending: list[list[int]] | None = None) -> Batch:
         """The batch so far (possibly short, even empty: then it only carries bad-sample counts); starts the next."""
         size = self.image_size
         images = to_chw_batch(self.images) if self.images else torch.empty((0, 3, size, size), dtype=torch.uint8)
@@ -176,6 +179,7 @@ class BatchBuilder:
             stream=self.stream,
             position=position,
             bad_by_shard=dict(self.bad),
+            pending=pending or [],
         )
         self._start()
         return batch
@@ -220,6 +224,19 @@ class RunCounters:
                 + ", ".join(f"{url} ({n})" for url, n in worst)
                 + ". Rewrite or drop those shards, or raise data.max_bad_fraction"
             )
+
+
+def merged_counts(saved: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's counters of several ranks as one (sums; the latest epoch): a rank of a new world size takes over
+    its share of the old ranks' counts, so that the counts summed over ranks stay the run's."""
+    merged: dict[str, Any] = {"samples": 0, "bad_samples": 0, "bad_by_shard": {}, "epoch": 0, "batches": 0}
+    for counts in saved:
+        for key in ("samples", "bad_samples", "batches"):
+            merged[key] += int(counts.get(key, 0))
+        merged["epoch"] = max(merged["epoch"], int(counts.get("epoch", 0)))
+        for url, count in counts.get("bad_by_shard", {}).items():
+            merged["bad_by_shard"][url] = merged["bad_by_shard"].get(url, 0) + count
+    return merged
 
 
 class TrainLoaderBase:
