@@ -22,7 +22,7 @@ step boundary, close its MLflow run KILLED and exit 75; this job waits at most -
 
 Starting a run again with the same run name (default: the preset's name) resumes it from its latest complete
 checkpoint. Exit codes: 0 done (or stopped at train.stop_at_step), 2 configuration error (nothing started),
-1 training failed.
+1 training failed, 65 stopped on training data no restart can read (the error names the shard), 75 preempted.
 """
 
 from __future__ import annotations
@@ -131,6 +131,9 @@ def pretrain_job(args: argparse.Namespace, stop: DriverStop) -> int:
     except pretrain.LossNotFiniteError as exc:
         print(f"pretrain: stopped: {exc}", file=sys.stderr)
         return 1
+    except pretrain.PermanentDataError as exc:  # a shard no restart can read: a person must fix the data
+        print(f"pretrain: stopped: {exc}", file=sys.stderr)
+        return pretrain.EXIT_DATA_ERROR
     except Exception as exc:
         print(f"pretrain: training failed: {exc}", file=sys.stderr)
         return 1

@@ -368,10 +368,10 @@ def iter_shard(url: str, label_field: str | None = None) -> Iterator[RawSample]:
 
     A truncated or otherwise unreadable tar ends the shard with one error sample (carrying the key of the sample
     being read, whose members may be incomplete), also when the cut falls exactly between two members. Storage
-    failures are not data errors: a missing shard raises ``DataError``, any other failure to read (after the
-    storage client's retries) ``storage.StorageError``. Labels come from ``.cls``, or with ``label_field`` from
-    that field of the ``.json`` member where a sample has one (`label_field_of` says which field a manifest's
-    shards use); other members are ignored. Nothing is unpickled.
+    failures are not data errors: a missing or forbidden shard raises ``DataError``, any other failure to read
+    (after the storage client's retries) ``storage.StorageError``. Labels come from ``.cls``, or with
+    ``label_field`` from that field of the ``.json`` member where a sample has one (`label_field_of` says which
+    field a manifest's shards use); other members are ignored. Nothing is unpickled.
     """
     reader = _ShardReader(url)
     seen: set[str] = set()
@@ -387,8 +387,11 @@ def iter_shard(url: str, label_field: str | None = None) -> Iterator[RawSample]:
     except FileNotFoundError as exc:
         raise DataError(f"shard {url} does not exist (any more): {exc}") from exc
     except Exception as exc:
-        # The storage failed (outage past the client's retries, access denied...), not the data: counting this
-        # as one bad sample would quietly drop the rest of the shard. Fail instead; a restart resumes exactly.
+        if isinstance(exc, PermissionError) or str(exc).startswith("Forbidden"):  # gcsfs: OSError("Forbidden: ...")
+            # Refused, not failed: no retry or restart changes that (a DataError, see pipeline.pretrain.stops).
+            raise DataError(f"shard {url} cannot be read: access denied ({str(exc)[:300]})") from exc
+        # The storage failed (outage past the client's retries...), not the data: counting this as one bad sample
+        # would quietly drop the rest of the shard. Fail instead; a restart resumes exactly.
         raise storage.StorageError(
             f"reading shard {url} failed ({type(exc).__name__}: {str(exc)[:300]}); no sample of it was skipped"
         ) from exc

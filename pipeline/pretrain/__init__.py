@@ -5,13 +5,23 @@ The package owns:
 - ``trainer``: what each Ray Train worker (one DeepSpeed rank) does, from resume to export, as a loop of named steps;
 - ``engine``: the one place a built model is wrapped for distributed training (DeepSpeed config + initialize);
 - ``checkpoints``: saving, finding and loading complete checkpoints, and the exact-resume state (RNG, data position);
-- ``ledger``: the per-rank record of which samples each step trained on, for the reliability checks.
+- ``ledger``: the per-rank record of which samples each step trained on, for the reliability checks;
+- ``stops``: the record that keeps Ray's restarts from training again after a divergence or unreadable data.
 
 Its public entry points are re-exported here: ``check_before_launch`` then ``run`` (after
 ``pipeline.cluster.connect_ray``).
 """
 
 from pipeline.pretrain.driver import RunResult, check_before_launch, run
-from pipeline.pretrain.trainer import LossNotFiniteError, checkpoint_info
+from pipeline.pretrain.stops import EXIT_DATA_ERROR, LossNotFiniteError, PermanentDataError
+from pipeline.pretrain.trainer import checkpoint_info
 
-__all__ = ["LossNotFiniteError", "RunResult", "check_before_launch", "checkpoint_info", "run"]
+__all__ = [
+    "EXIT_DATA_ERROR",
+    "LossNotFiniteError",
+    "PermanentDataError",
+    "RunResult",
+    "check_before_launch",
+    "checkpoint_info",
+    "run",
+]

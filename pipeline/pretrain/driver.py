@@ -5,7 +5,8 @@
     an existing checkpoint of this run name checked for compatibility (the workers must then resume from it).
 ``run`` (on the connected cluster):
     an already exported run returns at once -> MLflow run opened -> cluster size checked -> ``TorchTrainer``
-    started with ``trainer.train_worker`` on every worker -> its result (or a divergence) -> MLflow run closed.
+    started with ``trainer.train_worker`` on every worker -> its result (or a recorded stop: ``stops``) ->
+    MLflow run closed.
 
 Restarts: Ray Train's ``FailureConfig(max_failures)`` restarts the whole worker group after a worker dies; the
 restarted workers (like a resubmitted job with the same run name) find the latest complete checkpoint
@@ -31,10 +32,11 @@ import torch.distributed as dist
 from pipeline import cluster, faults, storage, tracking
 from pipeline.config import ConfigError, PretrainConfig, RunLayout, check_durable_defaults, make_layout
 from pipeline.pretrain import checkpoints as ckpt
+from pipeline.pretrain import stops
 from pipeline.pretrain.evaluation import check_evaluation
 from pipeline.pretrain.launch import check_local_world, local_worker
 from pipeline.pretrain.preemption import begin_run, run_ending
-from pipeline.pretrain.trainer import DIVERGED_MARKER, LossNotFiniteError, Trainer, checkpoint_info, train_worker
+from pipeline.pretrain.trainer import Trainer, checkpoint_info, train_worker
 
 if TYPE_CHECKING:
     from pipeline.data import DataInfo
@@ -203,8 +205,9 @@ def run(cfg: PretrainConfig, plan: RunLayout, fit: Callable[[str | None], dict[s
     if fit is None:
         check_cluster_storage(cfg)  # before anything is written or tracked
         lease = take_lease(cfg, plan)  # one writer per run; released below, expires if this process dies
-    # A new submission is a deliberate retry after a divergence (e.g. with a lower lr): lift the stop.
-    storage.remove(storage.join(plan.run_dir, DIVERGED_MARKER))
+    # A new submission is a deliberate retry after a stop (a divergence: e.g. with a lower lr; data no restart could
+    # read: once it is fixed): lift it.
+    stops.lift_stop(plan.run_dir)
 
     run_id = None
     if cfg.tracking.enabled:
@@ -219,12 +222,11 @@ def run(cfg: PretrainConfig, plan: RunLayout, fit: Callable[[str | None], dict[s
         status = "FINISHED" if metrics.get("exported") else "KILLED"
         return run_result(metrics, run_id)
     except Exception as exc:
-        # Only a divergence leaves the marker. Looking for it after any other failure would add the storage client's
-        # whole retry budget (~30 s) to a failure that a storage outage caused, and then report the wrong error.
-        if LossNotFiniteError.__name__ in str(exc):
-            diverged = storage.join(plan.run_dir, DIVERGED_MARKER)
-            if storage.exists(diverged):
-                raise LossNotFiniteError(storage.read_json(diverged)["message"]) from exc
+        # Ray Train reports the last attempt's failure: after a recorded stop, the restarts' refusal. Say why instead;
+        # after a storage failure, the one line naming the URL and the operation rather than Ray's whole report.
+        stopped = stops.recorded_stop(plan.run_dir, exc) or stops.worker_storage_error(exc)
+        if stopped is not None:
+            raise stopped from exc
         raise
     finally:
         status = run_ending(status)  # KILLED, not FAILED, after a SIGTERM
@@ -327,8 +329,9 @@ def run_local(cfg: PretrainConfig, plan: RunLayout) -> RunResult:
     with local_worker(cfg.on_gpu, cfg.scale.collective_timeout_s) as context:
 
         def train_here(mlflow_run_id: str | None) -> dict[str, Any]:
-            dist.barrier()  # the other ranks wait until rank 0 has lifted a divergence stop (driver.run)
-            Trainer(cfg, plan, mlflow_run_id, context).train()
+            dist.barrier()  # the other ranks wait until rank 0 has lifted a stop (driver.run)
+            with stops.stopping_on_bad_data(plan.run_dir, plan.run_name):
+                Trainer(cfg, plan, mlflow_run_id, context).train()
             return context.result
 
         if context.rank == 0:

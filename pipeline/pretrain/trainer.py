@@ -29,18 +29,11 @@ import torch.nn.functional as F
 from pipeline import faults, storage, tracking
 from pipeline.config import PretrainConfig, RunLayout
 from pipeline.pretrain import checkpoints as ckpt
-from pipeline.pretrain import health, ledger
+from pipeline.pretrain import health, ledger, stops
 from pipeline.pretrain.launch import RayWorkerContext, WorkerContext
 from pipeline.pretrain.preemption import Preemption, stop_marker_url
 
 log = logging.getLogger(__name__)
-
-# Written to the run dir when the loss stops being finite; while it is there, no worker of this run trains again.
-DIVERGED_MARKER = "_DIVERGED.json"
-
-
-class LossNotFiniteError(RuntimeError):
-    """The loss became NaN or infinite; training stops instead of writing a poisoned checkpoint."""
 
 
 def checkpoint_info(cfg: PretrainConfig, plan: RunLayout) -> dict[str, Any]:
@@ -147,7 +140,6 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig, plan: RunLayout, mlflow_run_id: str | None, context: WorkerContext) -> None:
         self.cfg, self.plan, self.mlflow_run_id, self.context = cfg, plan, mlflow_run_id, context
         self.worker_start = time.perf_counter()
-        self.diverged_url = storage.join(plan.run_dir, DIVERGED_MARKER)
         self.info = checkpoint_info(cfg, plan)
         self.step = 0
         self.digest = ""  # see update_digest
@@ -188,7 +180,8 @@ class Trainer:
         self.evaluate()
         self.maybe_checkpoint()
         if self.ledger is not None:
-            self.ledger.record(self.step, keys, epochs, loss)
+            with stops.storage_access("writing the step ledger", self.ledger.url):
+                self.ledger.record(self.step, keys, epochs, loss)
         faults.fire("after_step", step=self.step, rank=self.rank, run_dir=plan.run_dir)  # tests only: see faults.py
 
     # -- set up and resume ---------------------------------------------------------------------------------
@@ -206,9 +199,8 @@ class Trainer:
         if self.device.type == "cpu":
             # One intra-op thread per reserved CPU: more would oversubscribe cores shared with the other workers.
             torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
-        if storage.exists(self.diverged_url):
-            # A Ray restart after a divergence would only diverge again from the same checkpoint.
-            raise LossNotFiniteError(storage.read_json(self.diverged_url)["message"])
+        # A Ray restart after a divergence or bad data would only meet it again (pipeline.pretrain.stops).
+        stops.check_not_stopped(plan.run_dir)
         self.ref = self.find_checkpoint()
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -245,7 +237,8 @@ class Trainer:
         from pipeline.pretrain.shared_storage import agreed_checkpoint
 
         plan = self.plan
-        ref = agreed_checkpoint(plan.checkpoint_dir, rank=self.rank)
+        with stops.storage_access("looking for checkpoints in", plan.checkpoint_dir):
+            ref = agreed_checkpoint(plan.checkpoint_dir, rank=self.rank)
         if plan.resume_step is not None and (ref is None or ref.step < plan.resume_step):
             found = f"only the one of step {ref.step}" if ref is not None else "no complete checkpoint"
             raise ckpt.CheckpointError(
@@ -263,7 +256,8 @@ class Trainer:
         cfg, plan, ref = self.cfg, self.plan, self.ref
         loader_state = None
         if ref is not None:
-            state = ckpt.load(self.engine, ref, rank=self.rank)
+            with stops.storage_access("loading checkpoint", ref.url):
+                state = ckpt.load(self.engine, ref, rank=self.rank)
             self.step, self.digest, loader_state = ref.step, state["digest"], state["loader"]
             ckpt.restore_rng(state["rng"])
             self.last_good = ref.url
@@ -275,9 +269,10 @@ class Trainer:
         self.batches = self.loader.batches()
         self.ledger = None
         if cfg.train.ledger:
-            self.ledger = ledger.StepLedger(
-                plan.run_dir, self.rank, resumed_from_step=self.step, checkpoint=self.last_good
-            )
+            with stops.storage_access("writing the step ledger", ledger.rank_dir(plan.run_dir, self.rank)):
+                self.ledger = ledger.StepLedger(
+                    plan.run_dir, self.rank, resumed_from_step=self.step, checkpoint=self.last_good
+                )
         self.skipped = health.SkippedSteps(self.engine, cfg.train.max_skipped_steps)  # counts on from the checkpoint
         self.metric_logger = None
         if self.rank == 0 and cfg.tracking.enabled:
@@ -345,8 +340,8 @@ class Trainer:
             )
 
     def stop_diverged(self, what: str) -> None:
-        """Raise LossNotFiniteError saying ``what`` and where to resume, leaving the marker that keeps restarts of this
-        run from training on."""
+        """Raise LossNotFiniteError saying ``what`` and where to resume, leaving the record that keeps restarts of this
+        run from training on (``pipeline.pretrain.stops``)."""
         plan, step = self.plan, self.step + 1
         message = (
             f"{what} of run {plan.run_name}; last good checkpoint: "
@@ -354,11 +349,10 @@ class Trainer:
             "run.name resumes from it: lower optim.lr or raise optim.warmup_steps first"
         )
         if self.rank == 0:
-            storage.write_json(
-                self.diverged_url,
-                {"step": step, "reason": what, "message": message, "last_good_checkpoint": self.last_good},
+            stops.record_stop(
+                plan.run_dir, "diverged", message, step=step, cause=what, last_good_checkpoint=self.last_good
             )
-        raise LossNotFiniteError(message)
+        raise stops.LossNotFiniteError(message)
 
     def log_progress(self, loss: float) -> None:
         """Metrics of the window since the last progress line (data counts summed over ranks); rank 0 prints them
@@ -432,16 +426,18 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "rng": ckpt.capture_rng(),
         }
+        url = storage.join(self.plan.checkpoint_dir, ckpt.step_dir_name(self.step))
         try:
-            self.last_good = ckpt.save(
-                self.engine,
-                self.plan.checkpoint_dir,
-                self.step,
-                rank=self.rank,
-                rank_state=rank_state,
-                info=self.info,
-                keep_last=self.cfg.checkpoint.keep_last,
-            )
+            with stops.storage_access("saving checkpoint", url):
+                self.last_good = ckpt.save(
+                    self.engine,
+                    self.plan.checkpoint_dir,
+                    self.step,
+                    rank=self.rank,
+                    rank_state=rank_state,
+                    info=self.info,
+                    keep_last=self.cfg.checkpoint.keep_last,
+                )
         except ckpt.WeightsNotFiniteError as exc:
             self.stop_diverged(str(exc).removesuffix(": not saved"))
 
@@ -506,5 +502,6 @@ class Trainer:
 
 def train_worker(payload: dict[str, Any]) -> None:
     """The Ray Train per-worker function: one DeepSpeed rank from resume to export."""
-    cfg = PretrainConfig.model_validate(payload["config"])
-    Trainer(cfg, RunLayout(**payload["plan"]), payload.get("mlflow_run_id"), RayWorkerContext.current()).train()
+    cfg, plan = PretrainConfig.model_validate(payload["config"]), RunLayout(**payload["plan"])
+    with stops.stopping_on_bad_data(plan.run_dir, plan.run_name):  # fail once, not at every Ray restart
+        Trainer(cfg, plan, payload.get("mlflow_run_id"), RayWorkerContext.current()).train()
