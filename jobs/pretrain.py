@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -128,6 +129,10 @@ def pretrain_job(args: argparse.Namespace, stop: DriverStop) -> int:
         if not stop.requested:
             raise
         return _preempted(f"{stop.why}; the MLflow run was closed KILLED")
+    except SystemExit as exc:  # ray.init's own SIGTERM handler (sys.exit(15)), in place while it connects
+        if exc.code != signal.SIGTERM:
+            raise
+        return _preempted("it came while connecting to Ray, nothing was started")
     except pretrain.LossNotFiniteError as exc:
         print(f"pretrain: stopped: {exc}", file=sys.stderr)
         return 1

@@ -1,5 +1,9 @@
-"""Preemption with a real SIGTERM: a pretraining job (local launcher, one process) told to stop mid-run checkpoints
-the step it is on, exits with EXIT_PREEMPTED, leaves its MLflow run KILLED, and a resubmission resumes there."""
+"""Preemption with a real SIGTERM: a pretraining job told to stop mid-run checkpoints the step it is on, exits with
+EXIT_PREEMPTED, leaves its MLflow run KILLED, and a resubmission resumes there.
+
+Two tests: the local launcher (one process), and under Ray (the session's Ray head, 2 Ray Train workers, DeepSpeed
+ZeRO-2) one run of four jobs: SIGTERM to a worker process, SIGTERM to the driver before any worker started, SIGTERM
+to the driver mid-training, then a job that finishes; the step ledger proves that no step was lost or redone."""
 
 from __future__ import annotations
 
@@ -113,12 +117,29 @@ class Job:
     signalled_at_step: int | None
     stop_s: float | None  # from the signal to the job's exit
     signalled_pid: int | None
+    signalled_wall: float | None  # time.time() of the signal
+
+    def checkpoint_s(self, run_dir: Path, step: int) -> float:
+        """Seconds from the signal to the completion marker of the checkpoint of ``step``."""
+        from pipeline.storage import COMPLETE_MARKER
+
+        marker = run_dir / "checkpoints" / ckpt.step_dir_name(step) / COMPLETE_MARKER
+        return marker.stat().st_mtime - (self.signalled_wall or 0.0)
 
 
-def _ray_job(cluster, digits: str, root: Path, uri: str, *, signal_at_step: int | None, worker_rank: int | None) -> Job:  # noqa: F811
+def _ray_job(
+    cluster,
+    digits: str,  # noqa: F811
+    root: Path,
+    uri: str,
+    *,
+    signal_at_step: int | None = None,
+    signal_on_line: str | None = None,
+    worker_rank: int | None = None,
+) -> Job:
     """jobs/pretrain.py on 2 Ray Train workers (ZeRO-2, no periodic checkpoint, no restart allowed: a worker that dies
-    fails the run). Once step ``signal_at_step`` is logged, SIGTERM goes to the worker of ``worker_rank``, or to
-    the job itself when that is None."""
+    fails the run). Once step ``signal_at_step`` is logged (or a line containing ``signal_on_line`` is printed),
+    SIGTERM goes to the worker of ``worker_rank``, or to the job itself when that is None."""
     overrides = _small(
         digits,
         root,
@@ -141,16 +162,18 @@ def _ray_job(cluster, digits: str, root: Path, uri: str, *, signal_at_step: int 
     )
     lines: list[str] = []
     pids: dict[int, int] = {}
-    sent: list[tuple[float, int, int]] = []  # (time, step, pid)
+    sent: list[tuple[float, int, int, float]] = []  # (monotonic time, step, pid, wall time)
     for line in job.stdout:
         lines.append(line)
         if match := WORKER_PID.search(line):
             pids[int(match.group(2))] = int(match.group(1))
         match = RAY_STEP_LINE.search(line)
-        if signal_at_step is not None and not sent and match and int(match.group(1)) >= signal_at_step:
+        step = int(match.group(1)) if match else 0
+        at_step = signal_at_step is not None and match is not None and step >= signal_at_step
+        if not sent and (at_step or (signal_on_line is not None and signal_on_line in line)):
             pid = job.pid if worker_rank is None else pids[worker_rank]
             os.kill(pid, signal.SIGTERM)
-            sent.append((time.monotonic(), int(match.group(1)), pid))
+            sent.append((time.monotonic(), step, pid, time.time()))
     job.wait(timeout=60)
     ended = time.monotonic()
     return Job(
@@ -159,6 +182,7 @@ def _ray_job(cluster, digits: str, root: Path, uri: str, *, signal_at_step: int 
         sent[0][1] if sent else None,
         ended - sent[0][0] if sent else None,
         sent[0][2] if sent else None,
+        sent[0][3] if sent else None,
     )
 
 
@@ -200,13 +224,22 @@ def test_sigterm_to_a_ray_worker_or_to_the_ray_driver_checkpoints_the_step_exits
     assert mlflow_status() == "KILLED"
     print(
         f"worker pid {worker.signalled_pid} SIGTERMed once step {worker.signalled_at_step} was logged: the run "
-        f"checkpointed step {stopped_at} and the job exited {worker.stop_s:.1f} s after the signal ({first_s:.0f} s "
-        "for the job)"
+        f"checkpointed step {stopped_at} {worker.checkpoint_s(run_dir, stopped_at):.1f} s after the signal and the "
+        f"job exited {worker.stop_s:.1f} s after it ({first_s:.0f} s for the job)"
     )
 
-    # 2. Resubmitted, then SIGTERM to the driver (what `ray job stop` and a preempted head node send): it asks the
+    # 2. SIGTERM to the driver before any worker started (once its pre-flight is printed, while it connects to Ray or
+    # opens the run): no worker starts, no checkpoint is written, the job exits 75 and the MLflow run is KILLED.
+    early = _ray_job(ray_cluster, digits, tmp_path, uri, signal_on_line="pretrain: run preempted-ray")
+    assert early.returncode == EXIT_PREEMPTED, early.output[-4000:]
+    assert "Started training worker group" not in early.output and "preempted (SIGTERM)" in early.output
+    assert ckpt.latest_complete(checkpoints).step == stopped_at
+    assert mlflow_status() == "KILLED"
+    print(f"driver SIGTERMed before training: {early.output.split('preempted (SIGTERM): ')[1].splitlines()[0]}")
+
+    # 3. Resubmitted, then SIGTERM to the driver (what `ray job stop` and a preempted head node send): it asks the
     # workers through the stop request on storage; they checkpoint the step they are at and the job exits 75.
-    driver = _ray_job(ray_cluster, digits, tmp_path, uri, signal_at_step=stopped_at + 2, worker_rank=None)
+    driver = _ray_job(ray_cluster, digits, tmp_path, uri, signal_at_step=stopped_at + 2)
     assert driver.returncode == EXIT_PREEMPTED, driver.output[-4000:]
     assert f"resumed from {checkpoints}/{ckpt.step_dir_name(stopped_at)} at step {stopped_at}" in driver.output
     second_stop = _last_step(driver.output)
@@ -217,11 +250,12 @@ def test_sigterm_to_a_ray_worker_or_to_the_ray_driver_checkpoints_the_step_exits
     assert mlflow_status() == "KILLED"
     print(
         f"driver SIGTERMed once step {driver.signalled_at_step} was logged: the run checkpointed step {second_stop} "
-        f"and the job exited {driver.stop_s:.1f} s after the signal"
+        f"{driver.checkpoint_s(run_dir, second_stop):.1f} s after the signal and the job exited {driver.stop_s:.1f} s "
+        "after it"
     )
 
-    # 3. Resubmitted again: the stop request is lifted, the run resumes at the preempted step and finishes.
-    done = _ray_job(ray_cluster, digits, tmp_path, uri, signal_at_step=None, worker_rank=None)
+    # 4. Resubmitted again: the stop request is lifted, the run resumes at the preempted step and finishes.
+    done = _ray_job(ray_cluster, digits, tmp_path, uri)
     assert done.returncode == 0, done.output[-4000:]
     assert f"at step {second_stop}" in done.output and f"finished {RAY_STEPS} steps" in done.output
     assert not (run_dir / STOP_MARKER).exists()
