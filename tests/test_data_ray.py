@@ -7,12 +7,17 @@ import tarfile
 import threading
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline import storage
 from pipeline.data import DataConfig, DataError
-from pipeline.data.ray_engine import RayTrainLoader, build_ray_dataset
+from pipeline.data import shards as shardlib
+from pipeline.data.ray_engine import RayTrainLoader, build_ray_dataset, decode_kwargs
+from pipeline.data.ray_read import TASK_MIN_BYTES, block_rows, decode_shards, shard_groups
+from pipeline.data.shardsets import resolve
+from pipeline.data.transforms import eval_transform
 from tests.fixtures.gcs import make_bucket
 from tests.test_data_loader import _jpeg, write_set
 
@@ -102,3 +107,76 @@ def test_ray_engine_strict_mode_raises(bad_set):
     cfg = DataConfig(train=bad_set, image_size=8, engine="ray", shuffle_buffer=0, strict=True)
     (result,) = _run_ranks(cfg, world_size=1, batch_size=2)
     assert isinstance(result, DataError) and "data.strict=true" in str(result)
+
+
+def test_small_shards_are_read_in_groups_of_enough_bytes_spread_over_the_cpus():
+    urls = [f"file:///set/train-{i:06d}.tar" for i in range(40)]
+    small = TASK_MIN_BYTES / 8
+    groups = shard_groups(urls, shard_bytes=small, min_tasks=2)
+    assert [len(g) for g in groups] == [8] * 5 and [u for g in groups for u in g] == urls
+    # Fewer shards than a group would hold: still one task per CPU of the cluster.
+    assert shard_groups(urls[:8], shard_bytes=small, min_tasks=4) == [urls[0:2], urls[2:4], urls[4:6], urls[6:8]]
+    assert shard_groups(urls[:3], shard_bytes=TASK_MIN_BYTES * 16, min_tasks=1) == [[u] for u in urls[:3]]
+
+
+def test_read_tasks_shuffle_each_shard_and_fill_channels_first_blocks(tmp_path):
+    url = f"file://{tmp_path}/set"
+    keys = write_set(url, shards=2, per_shard=40)
+    urls, manifest = resolve(f"{url}/train.manifest.json")
+    train_cfg = DataConfig(train=url, image_size=8, engine="ray", shuffle_buffer=40)
+    blocks = list(decode_shards({"urls": [urls]}, **decode_kwargs(train_cfg, manifest, train=True)))
+    assert block_rows(8) > 80 and len(blocks) == 1  # both shards of the task in one block
+    (block,) = blocks
+    assert block["image"].shape == (80, 3, 8, 8) and block["image"].dtype == np.uint8
+    read = block["key"].tolist()
+    # Every sample once, each shard's samples together and in an order of their own (1 in 40! to be in order).
+    assert sorted(read) == keys and sorted(read[:40]) == keys[:40] and read[:40] != keys[:40]
+    assert list(block["url"]) == [urls[0]] * 40 + [urls[1]] * 40 and set(block["error"]) == {""}
+
+    eval_cfg = DataConfig(train=url, image_size=8, engine="ray", shuffle_buffer=40)
+    (unshuffled,) = decode_shards({"urls": [urls[:1]]}, **decode_kwargs(eval_cfg, manifest, train=False))
+    assert unshuffled["key"].tolist() == keys[:40]
+    first = next(iter(shardlib.iter_shard(urls[0], None)))
+    assert np.array_equal(unshuffled["image"][0], eval_transform(first.image, 8).permute(2, 0, 1).numpy())
+
+
+class _Blocks:
+    """What ``streaming_split`` hands a rank, reduced to the call the loader makes: the same blocks every epoch."""
+
+    def __init__(self, blocks: list[dict[str, np.ndarray]]) -> None:
+        self.blocks = blocks
+
+    def iter_batches(self, *, batch_size: None, batch_format: str):
+        assert batch_size is None and batch_format == "numpy"
+        return iter(self.blocks)
+
+
+def _block(keys: list[str], errors: list[str]) -> dict[str, np.ndarray]:
+    n = len(keys)
+    return {
+        "image": np.stack([np.full((3, 8, 8), int(k[1:]), np.uint8) for k in keys]),
+        "label": np.array([int(k[1:]) % 3 for k in keys], np.int64),
+        "key": np.array(keys, dtype=object),
+        "url": np.array(["file:///set/train-000000.tar"] * n, dtype=object),
+        "error": np.array(errors, dtype=object),
+    }
+
+
+def test_batches_cut_across_blocks_and_epochs_repeat_the_previous_good_row_for_a_bad_one(tmp_path):
+    url = f"file://{tmp_path}/set"
+    write_set(url, shards=1, per_shard=4)
+    cfg = DataConfig(train=f"{url}/train.manifest.json", image_size=8, engine="ray", max_bad_fraction=0.9)
+    blocks = [_block(["k1", "k2", "k3"], ["bad", "", "bad"]), _block(["k4", "k5"], ["bad", ""])]
+    loader = RayTrainLoader(cfg, batch_size=3, rank=0, world_size=1, dataset_shard=_Blocks(blocks))
+    batches = loader.batches()
+    first, second = next(batches), next(batches)
+    # Epoch 0 gives k2 k2 k2 k5: k1 is bad with no good row before it (left out), k2 stands in for k3 and k4.
+    assert first.keys == ["k2", "k2", "k2"] and first.epochs == [0, 0, 0]
+    assert first.images.shape == (3, 3, 8, 8) and first.images[:, 0, 0, 0].tolist() == [2, 2, 2]
+    assert first.labels.tolist() == [2, 2, 2] and first.bad_by_shard == {"file:///set/train-000000.tar": 3}
+    # The last row of epoch 0 opens the next batch; epoch 1 has no good row before its k1 either.
+    assert second.keys == ["k5", "k2", "k2"] and second.epochs == [0, 1, 1]
+    assert second.images[:, 0, 0, 0].tolist() == [5, 2, 2] and second.bad_by_shard == {
+        "file:///set/train-000000.tar": 2
+    }
+    assert loader.stats()["bad_samples"] == 5 and loader.state_dict()["epoch"] == 1
