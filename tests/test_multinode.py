@@ -5,7 +5,7 @@ without CPUs and two worker nodes with 1 CPU each, each worker node in its own m
 Every run is a ``ray job submit`` of the real entry point; which node each rank ran on comes from Ray Train's own
 record of the run (its state API, ``RAY_TRAIN_ENABLE_STATE_TRACKING=1``), each transfer task's node from Ray's
 task records. A worker node is lost the way a machine is: SIGKILL of its raylet, which takes its workers with it.
-One module-scoped cluster and four training runs in all; docs/reliability.md (section 10) lists the figures.
+One module-scoped cluster and four training runs in all; docs/reliability.md (section 11) lists the figures.
 """
 
 from __future__ import annotations
