@@ -17,7 +17,7 @@ from pipeline.config import load_config
 from pipeline.data.prepare import PrepareOptions, prepare
 from pipeline.pretrain import check_before_launch, run
 from pipeline.pretrain import checkpoints as ckpt
-from pipeline.pretrain.shared_storage import agreed_checkpoint, check_shared_root
+from pipeline.pretrain.shared_storage import agreed_checkpoint, check_shared_root, check_shared_tracking
 
 
 def _node(port: int, cpus: float) -> dict:
@@ -34,6 +34,21 @@ def test_a_local_run_root_is_refused_on_several_nodes_unless_declared_shared() -
     assert check_shared_root("file:///srv/runs", True, two) == []
     assert check_shared_root("gs://bucket/runs", False, two) == []
     assert check_shared_root("file:///srv/runs", False, [head_without_cpus, worker_a, dead]) == []
+
+
+def test_a_local_mlflow_store_is_refused_on_several_nodes_unless_declared_shared() -> None:
+    head_without_cpus, worker_a, worker_b = _node(1, 0), _node(2, 1), _node(3, 1)
+    two, one = [head_without_cpus, worker_a, worker_b], [head_without_cpus, worker_a]
+    default = load_config("tiny").tracking.uri
+    assert default.startswith("sqlite:///")
+    (problem,) = check_shared_tracking(default, True, False, two)
+    assert problem.startswith(f"tracking.uri: {default} is a local MLflow store") and "2 nodes" in problem
+    assert "tracking.uri=http://" in problem and "tracking.enabled=false" in problem
+    assert len(check_shared_tracking("file:///srv/mlruns", True, False, two)) == 1
+    assert check_shared_tracking(default, True, True, two) == []
+    assert check_shared_tracking(default, False, False, two) == []
+    assert check_shared_tracking("http://127.0.0.1:5000", True, False, two) == []
+    assert check_shared_tracking(default, True, False, one) == []
 
 
 def test_the_refusal_is_on_the_config_the_driver_sees() -> None:

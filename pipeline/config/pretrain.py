@@ -50,8 +50,9 @@ class RunSection(Section):
     )
     shared_filesystem: bool = Field(
         default=False,
-        description="A file:// run.root that every Ray node mounts (NFS, Filestore). Without it a file:// root is "
-        "refused on a cluster of several nodes: each node would keep its own checkpoints.",
+        description="A file:// run.root (and a local SQLite/file tracking.uri) that every Ray node mounts (NFS, "
+        "Filestore). Without it both are refused on a cluster of several nodes: each node would keep its own "
+        "checkpoints, and rank 0 would log to its own node's store.",
     )
     lease_ttl_s: float = Field(
         default=120.0,

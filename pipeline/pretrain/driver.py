@@ -267,13 +267,15 @@ def take_lease(cfg: PretrainConfig, plan: RunLayout) -> Any:
 
 
 def check_cluster_storage(cfg: PretrainConfig) -> None:
-    """Refuse a node-local ``file://`` run root on a cluster of several nodes (``shared_storage.check_shared_root``),
-    before any worker starts. Raises ConfigError."""
+    """Refuse a node-local ``file://`` run root or MLflow store on a cluster of several nodes
+    (``shared_storage.check_shared_root`` / ``check_shared_tracking``), before any worker starts. Raises ConfigError."""
     import ray
 
-    from pipeline.pretrain.shared_storage import check_shared_root
+    from pipeline.pretrain.shared_storage import check_shared_root, check_shared_tracking
 
-    problems = check_shared_root(cfg.run.root, cfg.run.shared_filesystem, ray.nodes())
+    nodes = ray.nodes()
+    problems = check_shared_root(cfg.run.root, cfg.run.shared_filesystem, nodes)
+    problems += check_shared_tracking(cfg.tracking.uri, cfg.tracking.enabled, cfg.run.shared_filesystem, nodes)
     if problems:
         raise ConfigError(problems)
 
