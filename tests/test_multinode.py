@@ -216,13 +216,15 @@ def test_transfer_fan_out_runs_on_both_worker_nodes(
 def test_a_local_run_root_is_refused_on_two_nodes_and_a_declared_shared_one_trains_zero3(
     cluster: MultiNodeCluster, digits, tmp_path: Path
 ) -> None:
-    """run.root=file://<a directory every node of this machine mounts>: refused at preflight (exit 2, the documented
-    message, nothing written); with run.shared_filesystem=true a ZeRO-3 run trains one rank per node and exports."""
+    """run.root=file://<a directory every node of this machine mounts> and a local SQLite MLflow store: both refused
+    at preflight (exit 2, the documented messages, nothing written or tracked); with run.shared_filesystem=true a
+    ZeRO-3 run trains one rank per node and exports."""
     data, _ = digits
     root = (tmp_path / "runs").as_uri()
     sets = _sets(data, root, "zero3", "train.zero_stage=3", "train.steps=8")
+    local_store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     started = time.monotonic()
-    refused = _submit_pretrain(cluster.head, sets)
+    refused = _submit_pretrain(cluster.head, [*sets, "tracking.enabled=true", f"tracking.uri={local_store}"])
     refused_s = time.monotonic() - started
     output = refused.stdout + refused.stderr
     assert refused.returncode != 0, output[-3000:]
@@ -231,7 +233,8 @@ def test_a_local_run_root_is_refused_on_two_nodes_and_a_declared_shared_one_trai
         "write and resume its own checkpoints" in output
     ), output[-3000:]
     assert "--set run.shared_filesystem=true" in output and "exit code 2" in output, output[-3000:]
-    assert not (tmp_path / "runs").exists()
+    assert f"tracking.uri: {local_store} is a local MLflow store and the Ray cluster has 2 nodes" in output
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
     started = time.monotonic()
     proc = _submit_pretrain(cluster.head, [*sets, "run.shared_filesystem=true"])
