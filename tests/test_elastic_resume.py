@@ -63,7 +63,9 @@ def _engine(stage: int, world: int):
 
 
 def _full_state(engine) -> dict[str, torch.Tensor]:
-    """Every parameter's full fp32 master weights and Adam moments, Adam's step and the lr (collective)."""
+    """Every parameter's full fp32 master weights, Adam moments and forward weights, Adam's step and the lr
+    (collective)."""
+    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     if engine.zero_optimization_stage() < 3:
@@ -72,10 +74,15 @@ def _full_state(engine) -> dict[str, torch.Tensor]:
         engine.optimizer._hp_optimizer_states_linked = False
         engine.optimizer._lazy_init_hp_params_optimizer_state()
     state = {}
-    for name, param in engine.module.named_parameters():
+    params = list(engine.module.named_parameters())
+    for name, param in params:
         state[f"{name}/fp32"] = safe_get_full_fp32_param(param).clone()
         for key in ("exp_avg", "exp_avg_sq"):
             state[f"{name}/{key}"] = safe_get_full_optimizer_state(param, key).clone()
+    # The weights the forward uses (fp32 here: equal to the master weights), gathered under ZeRO-3.
+    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=engine.zero_optimization_stage() == 3):
+        for name, param in params:
+            state[f"{name}/forward"] = param.detach().clone()
     base = engine.optimizer.optimizer
     state["step"] = torch.stack([s["step"] for s in base.state.values()]).float()
     state["lr"] = torch.tensor([group["lr"] for group in base.param_groups])
@@ -158,35 +165,110 @@ def _assert_equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    for key in a:
+        if key.endswith("/forward"):
+            assert torch.equal(a[key], a[key.replace("/forward", "/fp32")]), key
+
+
+OPTIM = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
+
+
+def _expected_fetch(stage: int, optim_ranks: list[int], old_world: int) -> list[str]:
+    model_states = "mp_rank_00_model_states.pt" if stage < 3 else "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    rank_files = [f"rank_{r:05d}.pt" for r in range(old_world)]
+    return sorted([model_states, *(OPTIM.format(r) for r in optim_ranks), *rank_files])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resharding_restores_the_fp32_master_weights_and_adam_moments_exactly(stage: int, tmp_path: Path) -> None:
-    """2 ranks train 2 steps and checkpoint; 1 rank resumes that checkpoint (2 -> 1), trains a step and checkpoints;
-    2 ranks resume that one (1 -> 2). After each change the full fp32 master weights, exp_avg, exp_avg_sq, Adam's
-    step and the lr equal what was saved, bit for bit; each rank fetched what the docs say and got every old rank's
-    loader state."""
+    """4 ranks train 2 steps and checkpoint; 2 ranks resume it (4 -> 2), train a step and checkpoint; 1 rank resumes
+    that (2 -> 1), trains a step and checkpoints; 2 ranks resume that one (1 -> 2). After each change the full fp32
+    master weights, exp_avg, exp_avg_sq, forward weights, Adam's step and the lr equal what was saved, bit for bit;
+    each rank fetched only the old optimizer partitions that overlap its new one (with every old rank's state file)
+    and got every old rank's loader state."""
     from pipeline.pretrain import checkpoints as ckpt
 
     checkpoint_dir = (tmp_path / "checkpoints").as_uri()
-    two = _run_world(2, stage, checkpoint_dir, 2, tmp_path / "two")
-    one = _run_world(1, stage, checkpoint_dir, 3, tmp_path / "one")
-    two_again = _run_world(2, stage, checkpoint_dir, 3, tmp_path / "two-again")
+    four = _run_world(4, stage, checkpoint_dir, 2, tmp_path / "four")
+    two = _run_world(2, stage, checkpoint_dir, 3, tmp_path / "two")
+    one = _run_world(1, stage, checkpoint_dir, 4, tmp_path / "one")
+    two_again = _run_world(2, stage, checkpoint_dir, 4, tmp_path / "two-again")
 
-    model_states = "mp_rank_00_model_states.pt" if stage == 2 else "zero_pp_rank_0_mp_rank_00_model_states.pt"
-    optim = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
+    # 4 -> 2. The units (ZeRO-2: the param groups of 130 and 42 elements; ZeRO-3: the parameters, 91, 39, 13, 13, 13
+    # and 3 elements) are cut into 4 old and 2 new pieces, e.g. ZeRO-2's group of 130: old pieces of 34 (130 padded
+    # to a multiple of 2 x 4 = 136), new ones of 66 (padded to 132). New rank 0 holds [0, 66): old ranks 0 and 1;
+    # new rank 1 holds [66, 130): old ranks 1, 2 and 3 (ZeRO-3: [7, 13) of a 13-element bias, old pieces of 4).
+    for rank in range(2):
+        _assert_equal_states(two[rank]["loaded"], four[0]["saved"])
+        assert two[rank]["loader_states"] == [{"rank": r, "of": 4} for r in range(4)]
+    assert two[0]["fetched"] == _expected_fetch(stage, [0, 1], old_world=4)
+    assert two[1]["fetched"] == _expected_fetch(stage, [1, 2, 3], old_world=4)
+    assert two[0]["resumed_step"] == 2 and two[0]["saved"]["step"].eq(3).all()  # and it trained on from there
+    # 2 -> 1: the one rank holds everything, so it needs both old partitions.
     _assert_equal_states(one[0]["loaded"], two[0]["saved"])
-    assert one[0]["saved"]["step"].eq(3).all() and one[0]["resumed_step"] == 2  # and it trained on from there
-    assert one[0]["fetched"] == sorted(
-        [model_states, optim.format(0), optim.format(1), "rank_00000.pt", "rank_00001.pt"]
-    )
+    assert one[0]["saved"]["step"].eq(4).all() and one[0]["resumed_step"] == 3
+    assert one[0]["fetched"] == _expected_fetch(stage, [0, 1], old_world=2)
     assert one[0]["loader_states"] == [{"rank": 0, "of": 2}, {"rank": 1, "of": 2}]
+    # 1 -> 2: each new rank's half lies in the single old partition.
     for rank in range(2):
         _assert_equal_states(two_again[rank]["loaded"], one[0]["saved"])
-        assert two_again[rank]["fetched"] == sorted([model_states, optim.format(0), "rank_00000.pt"])
+        assert two_again[rank]["fetched"] == _expected_fetch(stage, [0], old_world=1)
         assert two_again[rank]["loader_states"] == [{"rank": 0, "of": 1}]
     assert ckpt.latest_complete(checkpoint_dir).info["world_size"] == 2
+
+
+def _owners(numel: int, world: int, stage: int) -> list[int]:
+    """The rank holding each element of a unit, found by cutting a real tensor as DeepSpeed does: ZeRO-1/2 pads the
+    flat group with DeepSpeed's own ``align_dense_tensors`` (to a multiple of 2 x world) and splits it into equal
+    parts; ZeRO-3 pads each parameter to a multiple of world and splits it."""
+    from deepspeed.runtime.utils import align_dense_tensors
+
+    elements = torch.arange(1, numel + 1)  # 0 marks padding
+    if stage < 3:
+        padded = torch.cat(align_dense_tensors([elements], 2 * world))
+    else:
+        padded = torch.nn.functional.pad(elements, (0, -numel % world))
+    owner = torch.empty(numel, dtype=torch.long)
+    for rank, part in enumerate(padded.chunk(world)):
+        owner[part[part > 0] - 1] = rank
+    return owner.tolist()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_each_new_rank_needs_exactly_the_old_partitions_that_hold_its_elements(stage: int) -> None:
+    """For element counts that do not divide (padding on the last ranks), worlds shrinking and growing, and ranks
+    whose part is only padding: old_ranks_needed is exactly the set of old ranks that hold an element of the new
+    rank's part, found element by element; and for ViT-H/14 (656M parameters, the JFT preset's head) going from
+    256 to 224 GPUs no rank needs more than 3 old partitions under ZeRO-2 and 7 under ZeRO-3 (the figures of
+    docs/reliability.md section 10)."""
+    from model.vit import create_vit
+    from pipeline.pretrain.engine import param_groups
+    from pipeline.pretrain.reshard import old_ranks_needed
+
+    groups = [{"a": [7, 13], "b": [5]}, {"c": [3]}, {"d": [1]}]
+    numels = [91, 5, 3, 1] if stage == 3 else [96, 3, 1]  # the units: ZeRO-3 the parameters, ZeRO-1/2 the groups
+    model_states = {"param_shapes": groups}
+    for old_world, world in [(4, 2), (2, 4), (3, 5), (7, 3), (1, 6), (6, 1), (16, 14)]:
+        old = [_owners(numel, old_world, stage) for numel in numels]
+        new = [_owners(numel, world, stage) for numel in numels]
+        for rank in range(world):
+            holders = {
+                o for olds, news in zip(old, new, strict=True) for o, n in zip(olds, news, strict=True) if n == rank
+            }
+            expected = sorted(holders) or [0]  # a rank with nothing but padding still reads one file (Adam's step)
+            got = old_ranks_needed(model_states, stage=stage, old_world=old_world, rank=rank, world=world)
+            assert got == expected, (old_world, world, rank)
+
+    vit = create_vit("H/14", num_classes=18291, representation_size=1280, device="meta")
+    names = {id(param): name for name, param in vit.named_parameters()}
+    shapes = [{names[id(p)]: list(p.shape) for p in group["params"]} for group in param_groups(vit, 0.1)]
+    assert sum(p.numel() for p in vit.parameters()) == 655_835_251
+    counts = [
+        len(old_ranks_needed({"param_shapes": shapes}, stage=stage, old_world=256, rank=rank, world=224))
+        for rank in range(224)
+    ]
+    assert max(counts) == (3 if stage < 3 else 7)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,10 +14,10 @@ old checkpoints. Loading: a checkpoint without a marker is skipped (and logged);
 not load is an error -- training never silently starts over.
 
 Elastic resume: a checkpoint written by N workers resumes on M != N (ZeRO-1/2/3). Each new rank then fetches rank
-0's model-states file, every rank's optimizer partition and every rank's state file (together the whole optimizer
-state, 12 bytes per parameter in fp32, plus a few kB per old rank), rebuilds the full fp32 master weights and Adam
-moments and keeps its own partition of them (``pipeline.pretrain.reshard``); the data loader gets every old rank's
-position and takes its share of the work left in the epochs in progress (``pipeline.data.loader``).
+0's model-states file, every old rank's state file (a few kB each) and only the optimizer partitions of the old ranks
+whose partitions overlap its new one (a few: found from the parameter shapes), and cuts its partition of
+the fp32 master weights and Adam moments out of them (``pipeline.pretrain.reshard``); the data loader gets every old
+rank's position and takes its share of the work left in the epochs in progress (``pipeline.data.loader``).
 """
 
 from __future__ import annotations
@@ -249,6 +249,15 @@ def _files_for_rank(files: list[str], rank: int) -> list[str]:
     return [f for f in files if not f.startswith(PER_RANK_PREFIXES) or f.startswith(own)]
 
 
+def _fetch(url: str, names: list[str], local: Path) -> None:
+    """Download the files ``names`` of checkpoint ``url`` into ``local``; a missing one is a CheckpointError."""
+    try:
+        for name in names:
+            storage.get_file(storage.join(url, name), local / name)
+    except (OSError, storage.StorageError) as exc:
+        raise CheckpointError(f"checkpoint {url} is marked complete but {exc}") from exc
+
+
 def load(engine: Any, ref: CheckpointRef, *, rank: int) -> dict[str, Any]:
     """Load model, optimizer, LR schedule and step into ``engine``; returns this rank's saved state. A checkpoint of
     another world size is resharded (``load_resharded``)."""
@@ -265,11 +274,7 @@ def load(engine: Any, ref: CheckpointRef, *, rank: int) -> dict[str, Any]:
         )
     with tempfile.TemporaryDirectory(prefix=f"vitpipe-load-rank{rank}-") as tmp:
         local = Path(tmp) / tag
-        try:
-            for name in needed:
-                storage.get_file(storage.join(ref.url, name), local / name)
-        except (OSError, storage.StorageError) as exc:
-            raise CheckpointError(f"checkpoint {ref.url} is marked complete but {exc}") from exc
+        _fetch(ref.url, needed, local)
         try:
             load_path, client_state = engine.load_checkpoint(
                 tmp, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
@@ -302,9 +307,9 @@ MODEL_STATES_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_m
 
 
 def files_for_resharding(files: list[str], old_world: int) -> tuple[str, list[str], list[str]]:
-    """What every rank fetches to resume a checkpoint of ``old_world`` ranks on another world size: rank 0's
-    model-states file (schedule, step counters, parameter shapes), every rank's optimizer partition (in rank order)
-    and every rank's state file (in rank order)."""
+    """The files to resume a checkpoint of ``old_world`` ranks on another world size: rank 0's model-states file
+    (schedule, step counters, parameter shapes), every old rank's optimizer partition (in rank order: a new rank
+    fetches those ``reshard.old_ranks_needed`` picks) and every old rank's state file (in rank order)."""
     model_states = next((name for name in MODEL_STATES_FILES if name in files), None)
     optim = {int(m.group(1)): name for name in files if (m := OPTIM_FILE.match(name))}
     rank_files = [RANK_FILE.format(rank=r) for r in range(old_world)]
@@ -333,28 +338,34 @@ def resharded_rng(old_digests: list[str], step: int, rank: int) -> dict[str, Any
 
 
 def load_resharded(engine: Any, ref: CheckpointRef, *, rank: int, world: int) -> dict[str, Any]:
-    """Resume a checkpoint written by another number of workers (ZeRO-1/2/3): every rank rebuilds the full fp32
-    master weights and Adam moments from all saved partitions and keeps its own partition of them
-    (``pipeline.pretrain.reshard``). The returned state holds the step, a digest and RNG state for this rank, and
-    under "loader" the list of every old rank's loader state (the loader redistributes the remaining work)."""
+    """Resume a checkpoint written by another number of workers (ZeRO-1/2/3): each rank fetches the optimizer
+    partitions of the old ranks that overlap its new partition, and only those, and cuts its partition of the fp32
+    master weights and Adam moments out of them (``pipeline.pretrain.reshard``). The returned state holds the step, a
+    digest and RNG state for this rank, and under "loader" the list of every old rank's loader state (the loader
+    redistributes the remaining work)."""
     from pipeline.pretrain import reshard
 
     old_world = int(ref.info["world_size"])
+    stage = int(engine.zero_optimization_stage())
     model_states_name, optim_names, rank_names = files_for_resharding(marker_files(ref.url, ref.info), old_world)
     with tempfile.TemporaryDirectory(prefix=f"vitpipe-reshard-rank{rank}-") as tmp:
         local = Path(tmp)
-        try:
-            for name in [model_states_name, *optim_names, *rank_names]:
-                storage.get_file(storage.join(ref.url, name), local / name)
-        except (OSError, storage.StorageError) as exc:
-            raise CheckpointError(f"checkpoint {ref.url} is marked complete but {exc}") from exc
+        # The model states first: their parameter shapes say which old optimizer partitions this rank needs.
+        _fetch(ref.url, [model_states_name, *rank_names], local)
         try:
             model_states = reshard.load_deepspeed_file(local / model_states_name)
-            full = reshard.full_optimizer_state(
-                model_states, [reshard.load_deepspeed_file(local / name) for name in optim_names]
+            needed = reshard.old_ranks_needed(model_states, stage=stage, old_world=old_world, rank=rank, world=world)
+            _fetch(ref.url, [optim_names[r] for r in needed], local)
+
+            # Loaded as they are cut, one at a time: one old partition in memory besides this rank's share.
+            optim_files = ((r, reshard.load_deepspeed_file(local / optim_names[r])) for r in needed)
+            own = reshard.local_optimizer_state(
+                model_states, optim_files, stage=stage, old_world=old_world, rank=rank, world=world
             )
-            reshard.load_into_engine(engine, full, model_states)
+            reshard.load_into_engine(engine, own, model_states)
             old_states = [torch.load(local / name, map_location="cpu", weights_only=True) for name in rank_names]
+        except CheckpointError:
+            raise
         except Exception as exc:
             raise CheckpointError(
                 f"{exc}\nrank {rank} cannot reshard checkpoint {ref.url} (written by {old_world} workers) onto "
