@@ -401,6 +401,20 @@ def test_multi_hot_targets_train_with_the_sigmoid_loss_summed_over_classes():
     assert single.item() != pytest.approx(expected.item() / 2)  # the second class of each image counts
 
 
+def test_pixel_statistics_decode_one_image_in_250_and_at_least_one_per_shard(tmp_path):
+    _write_imagenet(tmp_path / "in", per_class=4, val=0, train_as_tars=False)
+    source = imagenet21k(str(tmp_path / "in" / "train"))
+    manifest, samples = _convert(source, "train", tmp_path / "out", samples_per_shard=3)
+    firsts = []
+    for shard in manifest["shards"]:
+        with tarfile.open(tmp_path / "out" / shard["name"]) as tar:
+            firsts.append(tar.getnames()[0].split(".", 1)[0])
+    pixels = np.concatenate([samples[key][0].reshape(-1, 3) for key in firsts]).astype(np.float64)
+    assert manifest["image_stats"]["stats_images"] == len(manifest["shards"]) == 3  # 9 train images
+    assert manifest["image_stats"]["mean_rgb"] == pytest.approx(pixels.mean(axis=0), abs=1e-3)
+    assert manifest["image_stats"]["std_rgb"] == pytest.approx(pixels.std(axis=0), abs=1e-3)
+
+
 def test_converting_again_with_other_options_removes_the_earlier_shards(tmp_path):
     _write_imagenet(tmp_path / "in", per_class=6, val=0)
     source = imagenet21k(str(tmp_path / "in" / "train"))

@@ -88,7 +88,10 @@ class SynsetImages:
 
     def names(self) -> list[str]:
         if not self.is_tar:
-            return sorted(_name(u) for u in storage.listdir(self.url) if _is_image(u))
+            # One listing, names taken from its paths: building a checked URL per file (storage.listdir) cost
+            # ~3 us per image, 5% of a conversion's CPU time.
+            fs, base = storage.filesystem(self.url)
+            return sorted(_name(p) for p in fs.ls(base, detail=False) if _is_image(p))
         # Headers only: tarfile seeks over the image data (small range reads on gs://).
         with storage.open_read(self.url, small_reads=True) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             return [m.name for m in tar.getmembers() if m.isfile() and _is_image(m.name)]
