@@ -376,6 +376,14 @@ def test_a_rerun_keeps_finished_shards_and_redoes_only_the_unfinished_ones(tmp_p
     (out / "_progress" / shard_names[-1].replace(".tar", ".json")).unlink()
     (out / "_progress" / shard_names[2].replace(".tar", ".json")).unlink()
     kept = {name: (out / name).stat().st_mtime_ns for name in shard_names[:2]}
+    # A record from before class counts were [label, count] pairs holds one count per class; it still counts.
+    first = out / "_progress" / shard_names[0].replace(".tar", ".json")
+    record = json.loads(first.read_text())
+    dense = [0] * len(WNIDS)
+    for label, n in record["stats"]["class_counts"]:
+        dense[label] = n
+    record["stats"]["class_counts"] = dense
+    first.write_text(json.dumps(record))
     again, samples_again = _convert(source, "train", out, **opts)
     assert again == manifest and samples_again.keys() == samples.keys()
     assert {name: (out / name).stat().st_mtime_ns for name in shard_names[:2]} == kept  # not rewritten
