@@ -571,6 +571,10 @@ def gcs_outages(digits80, baseline, gcs_emulator, ray_connected) -> OutageRuns:
         stall = time.monotonic() - outage_started
         short_503s = proxy.counts["503"]
         _wait_for(direct, f"{run_dir}/checkpoints/step_00000004/_COMPLETE.json", lambda f, p: f.exists(p), trainer, 120)
+        # Each rank writes step 4's ledger line just after the checkpoint: cutting storage between the two would
+        # leave a step applied but not recorded (on a loaded machine this race was lost).
+        for rank_ledger in (rank0, f"{run_dir}/ledger/rank-00001/attempt-000.jsonl"):
+            _wait_for(direct, rank_ledger, _has_step(EVERY), trainer, timeout=120)
         proxy.set_mode("reset")  # for good
         long_started = time.monotonic()
         trainer.join(timeout=300)
