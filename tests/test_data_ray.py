@@ -26,11 +26,20 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def local_ray(gcs_emulator):
+    # A process holds one Ray connection: when an earlier file of this test process connected it to the session's
+    # Ray head (``ray_connected``), that connection is set aside here and restored after.
+    session_head = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    if session_head:
+        ray.shutdown()
     # Started after the emulator fixture so that Ray's workers inherit STORAGE_EMULATOR_HOST.
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
+    if session_head:
+        from pipeline.cluster import connect_ray
+
+        connect_ray(session_head)
 
 
 def _run_ranks(cfg: DataConfig, world_size: int, batch_size: int, **dataset_kw) -> list[RayTrainLoader | Exception]:
